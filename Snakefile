@@ -1,0 +1,19 @@
+"""Delta-compression benchmark suite: fine-tune -> prune deltas -> evaluate -> report.
+
+Run the embedded default with `make run`, another experiment with
+`snakemake --cores N --configfile config/<name>.yaml`.
+"""
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/zoo.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        report_targets(),
+    default_target: True

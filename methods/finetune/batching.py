@@ -1,0 +1,30 @@
+"""Tokenised examples to padded tensors for the training loop."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100  # label value the losses skip
+
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def causal_lm_batch(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> dict:
+    """Right-padded causal-LM batch whose loss covers only the target tokens."""
+    ids = [p + t for p, t in zip(prompts, targets)]
+    labels = [[IGNORE] * len(p) + t for p, t in zip(prompts, targets)]
+    input_ids = pad(ids, pad_id)
+    return {"input_ids": input_ids, "attention_mask": (pad([[1] * len(s) for s in ids], 0)),
+            "labels": pad(labels, IGNORE)}
+
+
+def encoder_batch(encodings: list[dict], pad_id: int) -> dict:
+    """Pad tokenizer outputs (input_ids, token_type_ids, attention_mask) to one width."""
+    batch = {"input_ids": pad([e["input_ids"] for e in encodings], pad_id),
+             "attention_mask": pad([e["attention_mask"] for e in encodings], 0)}
+    if "token_type_ids" in encodings[0]:
+        batch["token_type_ids"] = pad([e["token_type_ids"] for e in encodings], 0)
+    return batch

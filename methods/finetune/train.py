@@ -1,0 +1,96 @@
+"""Fine-tune a base checkpoint on one task.
+
+Encoders get a fresh sequence-classification (or regression) head; decoders are trained as causal
+LMs on ``prompt + answer`` with the loss on the answer tokens only. Training runs in float32
+whatever dtype the checkpoint was saved in (transformers 5 would otherwise load ``dtype="auto"``).
+The optimizer is a registered ``finetune`` method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from methods.finetune.batching import causal_lm_batch, encoder_batch
+from methods.finetune.loop import param_groups, train
+from methods.registry import Param, get, register
+from methods.seeding import seed_everything
+from methods.tasks import TaskSpec
+
+
+@register("finetune", "adamw", params=(
+    Param("beta1", float, 0.9, minimum=0.0, maximum=1.0),
+    Param("beta2", float, 0.999, minimum=0.0, maximum=1.0),
+    Param("eps", float, 1e-8, minimum=0.0),
+), doc="AdamW (decoupled weight decay; none on biases and norms)")
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, beta1: float, beta2: float,
+          eps: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps)
+
+
+@dataclass
+class Budget:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    max_length: int
+
+
+def decoder_prompt(spec: TaskSpec, row: dict) -> str:
+    return spec.prompt.format(**row)
+
+
+def decoder_answer(spec: TaskSpec, row: dict) -> str:
+    if spec.kind == "multiple_choice":
+        return row[spec.choices_field][row[spec.label_field]]
+    return f"{row[spec.answer_field]} ."
+
+
+def load_for_task(checkpoint: str | Path, spec: TaskSpec, **kwargs):
+    """The model class a task needs, in float32."""
+    if spec.is_encoder:
+        problem = "regression" if spec.kind == "regression" else "single_label_classification"
+        return AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, num_labels=spec.num_labels, problem_type=problem, dtype=torch.float32, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kwargs)
+
+
+def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_dir: Path, *,
+             optimizer: str, optimizer_params: dict, budget: Budget, seed: int) -> list[float]:
+    seed_everything(seed)  # the new head's initialisation depends on the fine-tuning seed
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load_for_task(base_dir, spec)
+    if spec.is_encoder:
+        fields = spec.text_fields
+        encodings = [tokenizer(*(row[f] for f in fields), truncation=True, max_length=budget.max_length)
+                     for row in train_rows]
+        label_dtype = torch.float32 if spec.kind == "regression" else torch.long
+        labels = torch.tensor([row[spec.label_field] for row in train_rows], dtype=label_dtype)
+
+        def make_batch(indices: list[int]) -> dict:
+            batch = encoder_batch([encodings[i] for i in indices], tokenizer.pad_token_id)
+            batch["labels"] = labels[indices]
+            return batch
+    else:
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        prompts = [ids(decoder_prompt(spec, row)) for row in train_rows]
+        answers = [ids(decoder_answer(spec, row)) for row in train_rows]
+
+        def make_batch(indices: list[int]) -> dict:
+            return causal_lm_batch([prompts[i] for i in indices], [answers[i] for i in indices],
+                                   tokenizer.pad_token_id)
+
+    method = get("finetune", optimizer)
+    opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params)
+    losses = train(model, opt, make_batch, len(train_rows), budget.steps, budget.batch_size,
+                   budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return losses

@@ -1,0 +1,64 @@
+"""Apply a registered delta-pruning method to a whole fine-tuned model.
+
+Tensor by tensor: δ = θ_ft − θ_base in float32, prune δ, write θ_base + pruned δ back in the
+fine-tuned tensor's dtype (cast once). Tensors are left at their fine-tuned value when they
+match an exclude pattern (the classifier head by default, as in the papers' GLUE code) or have
+no counterpart in the base (a new head). Per-tensor statistics are returned for the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+
+from methods import registry
+
+# Which tensors each official code prunes (spec dpp_merge.md §1.2, §2.2); named and logged.
+DEFAULT_EXCLUDE = {
+    "encoder": [r"(^|\.)classifier\."],   # MergeLM/DAREx GLUE: everything but the classifier
+    "decoder": [],                        # MergeLM LLM code: every parameter
+}
+
+
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                     method: str, params: dict, mask_seed: int, exclude: list[str],
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Return the pruned state dict and per-tensor stats (or the reason a tensor was kept)."""
+    spec = registry.get("prune", method)
+    out: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict] = {}
+    for name, weight in finetuned.items():
+        reason = None
+        if not weight.is_floating_point():
+            reason = "not floating point"
+        elif excluded(name, exclude):
+            reason = "excluded by pattern"
+        elif name not in base:
+            reason = "absent from base (new head)"
+        elif base[name].shape != weight.shape:
+            raise ValueError(f"tensor {name!r}: base shape {tuple(base[name].shape)} differs from "
+                             f"fine-tuned shape {tuple(weight.shape)}; these models cannot share a delta")
+        if reason:
+            out[name] = weight
+            stats[name] = {"pruned": False, "reason": reason}
+            continue
+        base_weight = base[name].to(torch.float32)
+        delta = weight.to(torch.float32) - base_weight
+        pruned = spec.fn(delta, mask_seed=mask_seed, tensor_name=name, **params)
+        out[name] = (base_weight + pruned).to(weight.dtype)
+        nonzero = delta != 0
+        stats[name] = {
+            "pruned": True,
+            "numel": delta.numel(),
+            "delta_max_abs": float(delta.abs().max()) if delta.numel() else 0.0,
+            "delta_norm": float(delta.norm()),
+            "pruned_delta_norm": float(pruned.norm()),
+            "kept_fraction": float((pruned[nonzero] != 0).float().mean()) if nonzero.any() else 0.0,
+        }
+    return out, stats

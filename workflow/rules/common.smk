@@ -1,0 +1,132 @@
+"""Config loading and validation, variant enumeration and path helpers shared by every rule."""
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.utils import min_version, validate
+
+min_version("9.11")
+
+REPO = Path(workflow.basedir)
+# `methods` imports here and in every job's script (jobs inherit the environment), also in
+# conda environments that do not install this project.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+from methods import registry  # noqa: E402
+from methods.prune.apply import DEFAULT_EXCLUDE  # noqa: E402
+from methods.tasks import get_task  # noqa: E402
+
+# No `configfile:` directive: it would be merged with a --configfile given on the command line,
+# so a user's config would silently inherit the default's models. The default applies only when
+# no config is given at all.
+if not config:
+    with open(REPO / "config" / "config.yaml") as _f:
+        config.update(yaml.safe_load(_f))
+
+try:
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+except Exception as error:  # snakemake wraps the jsonschema error; name the key up front
+    cause = getattr(error, "__cause__", None) or error
+    where = "/".join(str(p) for p in getattr(cause, "absolute_path", [])) or "(top level)"
+    raise ValueError(f"Invalid config at key '{where}': {getattr(cause, 'message', cause)}") from None
+
+
+def _check_methods() -> None:
+    """Method names and parameters against the registry, before any job starts."""
+    for i, variant in enumerate(config["finetune"]["optimizers"]):
+        where = f"finetune.optimizers[{i}]"
+        registry.get("finetune", variant["method"], where + ".method").resolve(variant.get("params"), where + ".params")
+    for i, variant in enumerate(config["prune"]):
+        where = f"prune[{i}]"
+        spec = registry.get("prune", variant["method"], where + ".method")
+        spec.resolve({"drop_rate": variant["drop_rates"][0], **variant.get("params", {})}, where + ".params")
+        for j, rate in enumerate(variant["drop_rates"]):
+            spec.resolve({**variant.get("params", {}), "drop_rate": float(rate)}, f"{where}.drop_rates[{j}]")
+        if "drop_rate" in variant.get("params", {}):
+            raise registry.MethodConfigError(f"{where}.params.drop_rate: give drop rates in {where}.drop_rates")
+    labels = [label(v) for v in config["prune"]]
+    if len(set(labels)) != len(labels):
+        raise registry.MethodConfigError(f"prune: two variants share the label(s) {sorted({l for l in labels if labels.count(l) > 1})}; set 'label'")
+    for name, model in config["models"].items():
+        for task in model["tasks"]:
+            if get_task(task).arch != model["arch"]:
+                raise registry.MethodConfigError(
+                    f"models.{name}.tasks: {task} is a {get_task(task).arch} task but {name} is an {model['arch']}")
+
+
+def label(variant: dict) -> str:
+    return variant.get("label", variant["method"])
+
+
+_check_methods()
+
+EXP = config["experiment"]
+RESULTS = f"results/{EXP}"
+REPORT = f"report/{EXP}"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def fmt_rate(rate: float) -> str:
+    return f"{float(rate):g}"
+
+
+def finetune_variants() -> dict[str, dict]:
+    return {label(v): v for v in config["finetune"]["optimizers"]}
+
+
+def prune_variants() -> dict[str, dict]:
+    return {label(v): v for v in config["prune"]}
+
+
+# -- paths -----------------------------------------------------------------------------------
+FT_DIR = RESULTS + "/{model}/{task}/ft~{ft}/seed~{seed}"
+PRUNE_DIR = FT_DIR + "/prune~{prune}_rate~{rate}_mseed~{mseed}"
+
+wildcard_constraints:
+    model="[A-Za-z0-9][A-Za-z0-9.-]*",
+    task="[A-Za-z0-9][A-Za-z0-9.-]*",
+    ft="[A-Za-z0-9][A-Za-z0-9.-]*",
+    prune="[A-Za-z0-9][A-Za-z0-9.-]*",
+    seed="[0-9]+",
+    mseed="[0-9]+",
+    rate="[0-9.]+(e-?[0-9]+)?",
+
+
+def base_checkpoint(wildcards):
+    """The pre-trained checkpoint a model's fine-tunes start from: a file input for zoo/local
+    models, nothing for hub ids (transformers resolves them)."""
+    model = config["models"][wildcards.model]
+    if model["source"] == "zoo":
+        return f"{RESULTS}/{wildcards.model}/pretrained"
+    if model["source"] == "local":
+        return model["path"]
+    return []
+
+
+def base_location(model_name: str) -> str:
+    model = config["models"][model_name]
+    return {"zoo": f"{RESULTS}/{model_name}/pretrained", "local": model.get("path"), "hub": model.get("id")}[model["source"]]
+
+
+def task_data(task: str, split: str) -> str:
+    return f"{RESULTS}/zoo/tasks/{task}/{split}.jsonl"
+
+
+def evaluation_targets() -> list[str]:
+    targets = []
+    for name, model in config["models"].items():
+        for task, ft, seed in itertools.product(model["tasks"], finetune_variants(), config["finetune"]["seeds"]):
+            for prune, variant in prune_variants().items():
+                for rate, mseed in itertools.product(variant["drop_rates"], variant["mask_seeds"]):
+                    targets.append(PRUNE_DIR.format(model=name, task=task, ft=ft, seed=seed, prune=prune,
+                                                    rate=fmt_rate(rate), mseed=mseed) + "/metrics.json")
+    return targets
+
+
+def report_targets() -> list[str]:
+    return [f"{REPORT}/README.md", f"{REPORT}/score_vs_drop_rate.png", f"{RESULTS}/metrics.csv"]

@@ -1,0 +1,26 @@
+from methods import registry
+from methods.finetune.train import Budget, finetune
+from methods.io.checkpoint import atomic_dir
+from methods.io.job import job
+from methods.io.manifest import Manifest
+from methods.tasks import get_task
+from methods.zoo.tasks import read_jsonl
+
+wc, params = snakemake.wildcards, snakemake.params
+with job(snakemake.log[0], snakemake.threads) as log:
+    spec = get_task(wc.task)
+    variant = params.variant
+    optimizer_params = registry.get("finetune", variant["method"]).resolve(variant.get("params"), "params")
+    budget = Budget(steps=params.budget["steps"], batch_size=params.budget["batch_size"], lr=params.budget["lr"],
+                    weight_decay=params.budget.get("weight_decay", 0.0),
+                    warmup_ratio=params.budget.get("warmup_ratio", 0.0), max_length=params.model["max_length"])
+    parents = {"base": params.base} if snakemake.input.base else {}
+    manifest = Manifest("finetune", variant["method"], {**optimizer_params, **vars(budget)}, parents,
+                        seeds={"finetune": int(wc.seed)})
+    rows = read_jsonl(snakemake.input.train)
+    with atomic_dir(snakemake.output[0]) as out:
+        losses = finetune(params.base, spec, rows, out, optimizer=variant["method"],
+                          optimizer_params=optimizer_params, budget=budget, seed=int(wc.seed))
+        manifest.write(out, task=wc.task, base=str(params.base), first_loss=losses[0],
+                       final_loss=sum(losses[-50:]) / len(losses[-50:]))
+    log.info("fine-tuned %s on %s: loss %.3f -> %.3f", wc.model, wc.task, losses[0], losses[-1])

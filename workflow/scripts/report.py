@@ -1,0 +1,12 @@
+from pathlib import Path
+
+import pandas as pd
+
+from methods.io.job import job
+from methods.report.dare_report import write_report
+
+with job(snakemake.log[0]) as log:
+    table, plot = Path(snakemake.output.table), Path(snakemake.output.plot)
+    metrics = pd.read_csv(snakemake.input[0])
+    write_report(metrics, snakemake.params.experiment, table, plot)
+    log.info("report written to %s", table.parent)
