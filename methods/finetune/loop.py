@@ -63,6 +63,6 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     model.eval()
     return losses

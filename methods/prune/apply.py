@@ -48,10 +48,12 @@ def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.T
             out[name] = weight
             stats[name] = {"pruned": False, "reason": reason}
             continue
-        base_weight = base[name].to(torch.float32)
-        delta = weight.to(torch.float32) - base_weight
+        base_weight, ft_weight = base[name].to(torch.float32), weight.to(torch.float32)
+        delta = ft_weight - base_weight
         pruned = spec.fn(delta, mask_seed=mask_seed, tensor_name=name, **params)
-        out[name] = (base_weight + pruned).to(weight.dtype)
+        # base + (ft - base) can differ from ft in the last bit: entries the method left unchanged
+        # take the fine-tuned value itself, so p = 0 (and unscaled survivors) are exact.
+        out[name] = torch.where(pruned == delta, ft_weight, base_weight + pruned).to(weight.dtype)
         nonzero = delta != 0
         stats[name] = {
             "pruned": True,

@@ -34,7 +34,8 @@ def markdown_table(scores: pd.DataFrame) -> str:
                            variant=scores["finetune"] + " → " + scores["prune"],
                            cell=scores.apply(_cell, axis=1))
     table = scores.pivot_table(index=["variant", "drop_rate"], columns="column", values="cell", aggfunc="first")
-    table = table.sort_index()
+    order = list(dict.fromkeys(scores.sort_values(["model", "task"])["column"]))  # tasks grouped by model
+    table = table.sort_index()[order]
     header = ["method", "drop rate"] + list(table.columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (variant, rate), row in table.iterrows():

@@ -27,12 +27,31 @@ if not config:
     with open(REPO / "config" / "config.yaml") as _f:
         config.update(yaml.safe_load(_f))
 
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def config_key(path) -> str:
+    """A JSON path as the config key a user would write, e.g. prune[0].drop_rates[1]."""
+    key = ""
+    for part in path:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "(top level)"
+
+
+def describe_schema_error(data) -> str:
+    import jsonschema
+
+    with open(SCHEMA) as f:
+        schema = yaml.safe_load(f)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    return f"Invalid config at key '{config_key(error.absolute_path)}': {error.message}" if error else ""
+
+
+_as_given = yaml.safe_load(yaml.safe_dump(dict(config)))
 try:
-    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
-except Exception as error:  # snakemake wraps the jsonschema error; name the key up front
-    cause = getattr(error, "__cause__", None) or error
-    where = "/".join(str(p) for p in getattr(cause, "absolute_path", [])) or "(top level)"
-    raise ValueError(f"Invalid config at key '{where}': {getattr(cause, 'message', cause)}") from None
+    validate(config, str(SCHEMA))
+except Exception as error:  # snakemake's message buries the key: lead with it
+    raise ValueError(describe_schema_error(_as_given) or str(error)) from None
 
 
 def _check_methods() -> None:

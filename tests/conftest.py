@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run this repository's workflow with `workdir` as its working directory."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Real public data in ../shared/data; tests that need it skip cleanly without it."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip("../shared/data is not present")
+    return path

@@ -1,0 +1,77 @@
+"""Bad configs stop the run before any job, fast, with a message that names the key."""
+
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, run_snakemake
+from methods import registry
+from methods.tasks import task_names
+
+
+def _load(name="test.yaml"):
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+def _set(config, path, value):
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+CASES = [
+    ("unknown top-level key", ["colour"], "blue", ["colour", "unexpected"]),
+    ("unknown nested key", ["prune", 0, "drop_rate"], 0.5, ["prune[0]", "drop_rate"]),
+    ("drop rate out of range", ["prune", 0, "drop_rates"], [0.0, 1.5], ["prune[0].drop_rates[1]", "1.5"]),
+    ("unknown method", ["prune", 0, "method"], "dare-typo", ["prune[0].method", "dare-typo"]),
+    ("wrong type", ["finetune", "encoder", "steps"], "ten", ["finetune.encoder.steps", "ten"]),
+    ("unknown method parameter", ["prune", 0, "params"], {"rescal": False}, ["prune[0].params.rescal"]),
+    ("task of the wrong architecture", ["models", "tiny-bert", "tasks"], ["zoo-review"],
+     ["models.tiny-bert.tasks", "zoo-review"]),
+]
+
+
+@pytest.mark.parametrize("label,path,value,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_fails_fast_naming_the_key(tmp_path, label, path, value, expected):
+    config = _load()
+    _set(config, path, value)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    started = time.perf_counter()
+    result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    for fragment in expected:
+        assert fragment in output, output[-2000:]
+    assert elapsed < 10, f"validation took {elapsed:.1f}s"
+    assert not (tmp_path / "results").exists()
+
+
+def test_schema_enums_match_the_registries():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]
+    assert props["prune"]["items"]["properties"]["method"]["enum"] == registry.names("prune")
+    optimizers = props["finetune"]["properties"]["optimizers"]["items"]["properties"]["method"]["enum"]
+    assert optimizers == registry.names("finetune")
+    task_enum = props["models"]["additionalProperties"]["properties"]["tasks"]["items"]["enum"]
+    assert sorted(task_enum) == task_names()
+
+
+def test_shipped_configs_validate_and_build_their_dag(tmp_path):
+    for name in ("config.yaml", "test.yaml"):
+        result = run_snakemake(tmp_path, "--configfile", str(REPO / "config" / name), "-n", "--cores", "1",
+                               timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_registry_parameter_checks_name_the_key():
+    spec = registry.get("prune", "dare")
+    assert spec.resolve({"drop_rate": 0.5}, "prune[0]") == {"drop_rate": 0.5, "rescale": True}
+    with pytest.raises(registry.MethodConfigError, match=r"prune\[0\]\.drop_rate: 1.5 is above"):
+        spec.resolve({"drop_rate": 1.5}, "prune[0]")
+    with pytest.raises(registry.MethodConfigError, match="expected bool"):
+        spec.resolve({"rescale": "yes"}, "prune[0]")
+    with pytest.raises(registry.MethodConfigError, match="unknown prune method 'nope'"):
+        registry.get("prune", "nope")
