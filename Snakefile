@@ -9,6 +9,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/zoo.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/prune.smk"
+include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-FAMILIES = ("finetune", "prune")
+FAMILIES = ("finetune", "prune", "merge")
 
 
 class MethodConfigError(ValueError):
@@ -52,6 +52,7 @@ class MethodSpec:
     fn: Callable
     params: tuple[Param, ...] = field(default_factory=tuple)
     doc: str = ""
+    n_models: tuple[int, int | None] = (1, None)  # merges: how many fine-tuned models it takes
 
     def resolve(self, given: dict | None, where: str) -> dict:
         """Fill defaults and check every given parameter; ``where`` is the config key prefix."""
@@ -69,14 +70,16 @@ class MethodSpec:
 _REGISTRY: dict[str, dict[str, MethodSpec]] = {family: {} for family in FAMILIES}
 
 
-def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = ""):
+def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = "",
+             n_models: tuple[int, int | None] = (1, None)):
     if family not in _REGISTRY:
         raise ValueError(f"unknown method family {family!r}; families: {FAMILIES}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY[family]:
             raise ValueError(f"{family} method {name!r} is registered twice")
-        _REGISTRY[family][name] = MethodSpec(family, name, fn, tuple(params), doc or (fn.__doc__ or ""))
+        _REGISTRY[family][name] = MethodSpec(family, name, fn, tuple(params), doc or (fn.__doc__ or ""),
+                                             n_models)
         return fn
 
     return decorate
@@ -86,6 +89,7 @@ def _load_builtin_methods() -> None:
     # Importing the family packages registers their methods.
     import methods.finetune.train  # noqa: F401
     import methods.prune.dare  # noqa: F401
+    import methods.merge  # noqa: F401
 
 
 def get(family: str, name: str, where: str | None = None) -> MethodSpec:

@@ -2,11 +2,10 @@
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from conftest import REPO, run_snakemake
-from methods.io.checkpoint import load_state_dict, read_json
+from methods.io.checkpoint import read_json
 
 pytestmark = pytest.mark.workflow
 
@@ -29,11 +28,20 @@ def test_report_files_and_metric_rows(finished_run):
     config = yaml.safe_load(open(REPO / "config" / "test.yaml"))
     rates = config["prune"][0]["drop_rates"]
     # tiny-bert: sentiment (accuracy) + rating (pearson, spearman, mean); tiny-llama: review (acc)
-    assert len(metrics) == (1 + 3 + 1) * len(rates)
-    assert set(metrics["drop_rate"]) == set(rates)
-    primary = metrics[metrics["is_primary"]]
-    assert sorted(primary["task"].unique()) == ["zoo-rating", "zoo-review", "zoo-sentiment"]
+    per_variant = 1 + 3 + 1
+    prune = metrics[metrics["stage"] == "prune"]
+    rates = [r for r in rates if r > 0]  # rate 0 is the fine-tuned model (stage "finetune")
+    assert len(prune) == per_variant * len(rates)
+    assert set(prune["drop_rate"]) == set(rates)
+    assert len(metrics[metrics["stage"] == "finetune"]) == per_variant
+    # merges: only tiny-bert has two tasks; each variant is scored on both with the task's own head
+    merged = metrics[metrics["stage"] == "merge"]
+    assert set(merged["model"]) == {"tiny-bert"}
+    assert set(merged["variant"]) == {v["method"] for v in config["merge"]["methods"]}
+    assert len(merged) == (1 + 3) * len(config["merge"]["methods"])
+    assert (merged["selected_on"] == "validation").all()
     assert metrics["value"].between(-1, 1).all()
+    assert "## Merging" in report and "| fine-tuned, one model per task |" in report
 
 
 def test_second_invocation_schedules_no_job(finished_run):
@@ -43,13 +51,15 @@ def test_second_invocation_schedules_no_job(finished_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_rate_zero_variant_equals_the_fine_tuned_model(finished_run):
+def test_rate_zero_is_the_fine_tuned_model_without_a_pruning_job(finished_run):
     workdir, _ = finished_run
     ft_dir = workdir / "results/test/tiny-bert/zoo-sentiment/ft~adamw/seed~0"
-    finetuned = load_state_dict(ft_dir / "checkpoint")
-    unpruned = load_state_dict(ft_dir / "prune~dare_rate~0_mseed~0/checkpoint")
-    assert finetuned.keys() == unpruned.keys()
-    assert all(torch.equal(finetuned[k], unpruned[k]) for k in finetuned)
+    assert not (ft_dir / "prune~dare_rate~0_mseed~0").exists()
+    metrics = pd.read_csv(workdir / "results" / "test" / "metrics.csv")
+    finetuned = metrics[(metrics["stage"] == "finetune") & (metrics["task"] == "zoo-sentiment")]["value"].item()
+    report = (workdir / "report" / "test" / "README.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| adamw → dare | 0 |"))
+    assert f"{100 * finetuned:.1f}" in row
 
 
 def test_manifests_record_provenance(finished_run):
@@ -62,3 +72,14 @@ def test_manifests_record_provenance(finished_run):
     assert manifest["tensors"]["classifier.weight"]["pruned"] is False
     kept = [s["kept_fraction"] for s in manifest["tensors"].values() if s["pruned"]]
     assert 0.05 < sum(kept) / len(kept) < 0.15
+
+
+def test_merge_selection_uses_validation_and_records_the_grid(finished_run):
+    workdir, _ = finished_run
+    selection = read_json(workdir / "results/test/tiny-bert/merged/ft~adamw/seed~0/merge~task-arithmetic_mseed~0"
+                          / "checkpoint" / "selection.json")
+    assert selection["selected_on"] == "validation"
+    scores = [t["validation_score"] for t in selection["trials"]]
+    assert [t["params"]["scale"] for t in selection["trials"]] == [0.5, 1.0]
+    assert selection["params"] == selection["trials"][scores.index(max(scores))]["params"]
+    assert set(selection["reference_scores"]) == {"zoo-sentiment", "zoo-rating"}

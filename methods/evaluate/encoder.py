@@ -3,11 +3,8 @@ progress bar; every example's prediction is kept for paired comparisons."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from methods.evaluate.metrics import classification_metrics, regression_metrics
 from methods.finetune.batching import encoder_batch
@@ -40,10 +37,9 @@ def score(spec: TaskSpec, predictions: list, rows: list[dict]) -> dict[str, floa
     return {name: metrics[name] for name in spec.metrics}
 
 
-def evaluate_encoder(checkpoint: str | Path, spec: TaskSpec, rows: list[dict], batch_size: int,
+def evaluate_encoder(model, tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int,
                      max_length: int) -> tuple[dict[str, float], list[dict]]:
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+    """Metrics and per-example records of a loaded sequence-classification model."""
     predictions = predict(model, tokenizer, spec, rows, batch_size, max_length)
     samples = [{"index": i, "prediction": p, "label": row[spec.label_field]}
                for i, (p, row) in enumerate(zip(predictions, rows))]

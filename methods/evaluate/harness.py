@@ -85,19 +85,23 @@ def write_task_yaml(spec: TaskSpec, data_file: str | Path, include_dir: Path) ->
     return config["task"]
 
 
-def run_harness(checkpoint: str | Path, spec: TaskSpec, data_file: str | Path, include_dir: Path,
-                batch_size: int, device: str = "cpu") -> tuple[dict[str, float], dict, list[dict]]:
-    """Score a checkpoint on one task; returns (our metrics, lm-eval results dict, per-sample logs)."""
+def run_harness(model, tokenizer, spec: TaskSpec, data_file: str | Path, include_dir: Path,
+                batch_size: int) -> tuple[dict[str, float], dict, list[dict]]:
+    """Score a loaded causal LM on one task through lm-eval's HFLM wrapper (in memory, so merged
+    or pruned weights need no checkpoint on disk); returns (our metrics, lm-eval results summary,
+    per-sample logs)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     task = write_task_yaml(spec, data_file, include_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(Path(checkpoint).resolve()), "dtype": "float32"},
-        tasks=[task], task_manager=TaskManager(include_path=str(include_dir)), device=device,
-        batch_size=batch_size, log_samples=True, **HARNESS_SETTINGS)
+        # Only our generated task: indexing lm-eval's thousands of built-in task files costs seconds a call.
+        model=lm, tasks=[task], task_manager=TaskManager(include_path=str(include_dir), include_defaults=False),
+        log_samples=True, **HARNESS_SETTINGS)
     task_results = results["results"][task]
     metrics = {}
     for name in spec.metrics:

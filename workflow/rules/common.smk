@@ -67,9 +67,31 @@ def _check_methods() -> None:
             spec.resolve({**variant.get("params", {}), "drop_rate": float(rate)}, f"{where}.drop_rates[{j}]")
         if "drop_rate" in variant.get("params", {}):
             raise registry.MethodConfigError(f"{where}.params.drop_rate: give drop rates in {where}.drop_rates")
-    labels = [label(v) for v in config["prune"]]
-    if len(set(labels)) != len(labels):
-        raise registry.MethodConfigError(f"prune: two variants share the label(s) {sorted({l for l in labels if labels.count(l) > 1})}; set 'label'")
+    for i, variant in enumerate(config["merge"]["methods"]):
+        where = f"merge.methods[{i}]"
+        spec = registry.get("merge", variant["method"], where + ".method")
+        fixed = variant.get("params", {})
+        overlap = sorted(set(fixed) & set(variant.get("grid", {})))
+        if overlap:
+            raise registry.MethodConfigError(f"{where}.grid.{overlap[0]}: also fixed in {where}.params")
+        for key, values in variant.get("grid", {}).items():
+            for j, value in enumerate(values):
+                spec.resolve({**fixed, key: value}, f"{where}.grid.{key}[{j}]")
+        spec.resolve(fixed, where + ".params")
+        for name in merge_models(variant):
+            if name not in config["models"]:
+                raise registry.MethodConfigError(f"{where}.models: {name!r} is not a model of this config")
+            count = len(config["models"][name]["tasks"])
+            low, high = spec.n_models
+            if count < low or (high is not None and count > high):
+                raise registry.MethodConfigError(
+                    f"{where}: {variant['method']} merges {low}{'' if high == low else '+' if high is None else f'-{high}'} "
+                    f"models but {name} has {count} fine-tuned tasks; restrict the variant with 'models:'")
+    for section, variants in (("prune", config["prune"]), ("merge.methods", config["merge"]["methods"])):
+        labels = [label(v) for v in variants]
+        if len(set(labels)) != len(labels):
+            raise registry.MethodConfigError(
+                f"{section}: two variants share the label(s) {sorted({l for l in labels if labels.count(l) > 1})}; set 'label'")
     for name, model in config["models"].items():
         for task in model["tasks"]:
             if get_task(task).arch != model["arch"]:
@@ -79,6 +101,11 @@ def _check_methods() -> None:
 
 def label(variant: dict) -> str:
     return variant.get("label", variant["method"])
+
+
+def merge_models(variant: dict) -> list[str]:
+    """Models a merge variant applies to: those it names, else every model with 2+ tasks."""
+    return variant.get("models") or [n for n, m in config["models"].items() if len(m["tasks"]) >= 2]
 
 
 _check_methods()
@@ -102,15 +129,36 @@ def prune_variants() -> dict[str, dict]:
     return {label(v): v for v in config["prune"]}
 
 
+def merge_variants() -> dict[str, dict]:
+    return {label(v): v for v in config["merge"]["methods"]}
+
+
+def merge_mask_seeds(variant: dict) -> list[int]:
+    """Random merges (those with a drop rate) expand over mask seeds; deterministic ones run once."""
+    random = any(p.name == "drop_rate" for p in registry.get("merge", variant["method"]).params)
+    return config["merge"]["mask_seeds"] if random else [0]
+
+
+def identity(wc, stage: str, method: str, variant: str, **extra) -> dict:
+    """The columns that identify a metric row in metrics.csv."""
+    record = {"experiment": EXP, "model": wc.model, "arch": config["models"][wc.model]["arch"],
+              "task": wc.task, "finetune": wc.ft, "seed": int(wc.seed), "stage": stage, "method": method,
+              "variant": variant, "drop_rate": None, "mask_seed": None, "params": {}, "selected_on": ""}
+    record.update(extra)
+    return record
+
+
 # -- paths -----------------------------------------------------------------------------------
 FT_DIR = RESULTS + "/{model}/{task}/ft~{ft}/seed~{seed}"
 PRUNE_DIR = FT_DIR + "/prune~{prune}_rate~{rate}_mseed~{mseed}"
+MERGE_DIR = RESULTS + "/{model}/merged/ft~{ft}/seed~{seed}/merge~{merge}_mseed~{mseed}"
 
 wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9.-]*",
     task="[A-Za-z0-9][A-Za-z0-9.-]*",
     ft="[A-Za-z0-9][A-Za-z0-9.-]*",
     prune="[A-Za-z0-9][A-Za-z0-9.-]*",
+    merge="[A-Za-z0-9][A-Za-z0-9.-]*",
     seed="[0-9]+",
     mseed="[0-9]+",
     rate="[0-9.]+(e-?[0-9]+)?",
@@ -139,9 +187,19 @@ def task_data(task: str, split: str) -> str:
 def evaluation_targets() -> list[str]:
     targets = []
     for name, model in config["models"].items():
+        for ft, seed in itertools.product(finetune_variants(), config["finetune"]["seeds"]):
+            for merge, variant in merge_variants().items():
+                if name not in merge_models(variant):
+                    continue
+                for mseed, task in itertools.product(merge_mask_seeds(variant), model["tasks"]):
+                    targets.append(MERGE_DIR.format(model=name, ft=ft, seed=seed, merge=merge, mseed=mseed)
+                                   + f"/eval~{task}/metrics.json")
         for task, ft, seed in itertools.product(model["tasks"], finetune_variants(), config["finetune"]["seeds"]):
+            targets.append(FT_DIR.format(model=name, task=task, ft=ft, seed=seed) + "/metrics.json")
             for prune, variant in prune_variants().items():
-                for rate, mseed in itertools.product(variant["drop_rates"], variant["mask_seeds"]):
+                # Rate 0 drops nothing: that variant is the fine-tuned model, evaluated above.
+                rates = [rate for rate in variant["drop_rates"] if float(rate) > 0]
+                for rate, mseed in itertools.product(rates, variant["mask_seeds"]):
                     targets.append(PRUNE_DIR.format(model=name, task=task, ft=ft, seed=seed, prune=prune,
                                                     rate=fmt_rate(rate), mseed=mseed) + "/metrics.json")
     return targets

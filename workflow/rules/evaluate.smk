@@ -12,12 +12,10 @@ rule evaluate:
         split=config["evaluate"]["split"],
         batch_size=config["evaluate"]["batch_size"],
         max_length=lambda wc: config["models"][wc.model]["max_length"],
-        identity=lambda wc: {
-            "experiment": EXP, "model": wc.model, "arch": config["models"][wc.model]["arch"],
-            "task": wc.task, "finetune": wc.ft, "seed": int(wc.seed), "prune": wc.prune,
-            "prune_method": prune_variants()[wc.prune]["method"], "drop_rate": float(wc.rate),
-            "mask_seed": int(wc.mseed),
-        },
+        identity=lambda wc: identity(wc, "prune", prune_variants()[wc.prune]["method"], wc.prune,
+                                     drop_rate=float(wc.rate), mask_seed=int(wc.mseed),
+                                     params={**prune_variants()[wc.prune].get("params", {}),
+                                             "drop_rate": float(wc.rate)}),
     threads: 1
     resources:
         mem_mb=2000,
@@ -25,6 +23,58 @@ rule evaluate:
         PRUNE_DIR + "/evaluate.log",
     benchmark:
         PRUNE_DIR + "/evaluate.benchmark.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_finetuned:
+    input:
+        checkpoint=FT_DIR + "/checkpoint",
+        data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
+    output:
+        metrics=FT_DIR + "/metrics.json",
+        samples=FT_DIR + "/samples.jsonl",
+    params:
+        split=config["evaluate"]["split"],
+        batch_size=config["evaluate"]["batch_size"],
+        max_length=lambda wc: config["models"][wc.model]["max_length"],
+        identity=lambda wc: identity(wc, "finetune", finetune_variants()[wc.ft]["method"], wc.ft),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    log:
+        FT_DIR + "/evaluate.log",
+    benchmark:
+        FT_DIR + "/evaluate.benchmark.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_merge:
+    input:
+        checkpoint=lambda wc: FT_DIR.format(model=wc.model, task=wc.task, ft=wc.ft, seed=wc.seed) + "/checkpoint",
+        merged=MERGE_DIR + "/checkpoint",
+        data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
+    output:
+        metrics=MERGE_DIR + "/eval~{task}/metrics.json",
+        samples=MERGE_DIR + "/eval~{task}/samples.jsonl",
+    params:
+        split=config["evaluate"]["split"],
+        batch_size=config["evaluate"]["batch_size"],
+        max_length=lambda wc: config["models"][wc.model]["max_length"],
+        identity=lambda wc: identity(wc, "merge", merge_variants()[wc.merge]["method"], wc.merge,
+                                     mask_seed=int(wc.mseed)),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    log:
+        MERGE_DIR + "/eval~{task}/evaluate.log",
+    benchmark:
+        MERGE_DIR + "/eval~{task}/evaluate.benchmark.tsv"
     conda:
         "../../envs/evaluate.yaml"
     script:

@@ -18,7 +18,7 @@ rule report:
     input:
         RESULTS + "/metrics.csv",
     output:
-        table=report(REPORT + "/README.md", category="Tables", caption="../../report/captions/dare_table.rst"),
+        table=report(REPORT + "/README.md", category="Tables", caption="../../report/captions/experiment_report.rst"),
         plot=report(REPORT + "/score_vs_drop_rate.png", category="Plots",
                     caption="../../report/captions/score_vs_drop_rate.rst"),
     params:

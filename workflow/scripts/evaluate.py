@@ -1,33 +1,38 @@
+import hashlib
 import json
-import tempfile
 from pathlib import Path
 
-from methods.evaluate.encoder import evaluate_encoder
-from methods.evaluate.harness import run_harness
-from methods.io.checkpoint import atomic_file, checkpoint_hash, write_json
-from methods.io.job import job
-from methods.io.manifest import Manifest
-from methods.tasks import get_task
-from methods.zoo.tasks import read_jsonl
+from safetensors.torch import load_file
 
-params = snakemake.params
+from methods.evaluate.run import evaluate_task, load_task_model
+from methods.io.checkpoint import atomic_file, checkpoint_hash, file_sha256, read_json, write_json
+from methods.io.job import job
+from methods.io.manifest import library_versions
+from methods.tasks import get_task
+
+params, inputs = snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
     spec = get_task(snakemake.wildcards.task)
-    manifest = Manifest("evaluate", "lm-eval" if not spec.is_encoder else "encoder-evaluator",
-                        {"split": params.split, "batch_size": params.batch_size})
-    if spec.is_encoder:
-        metrics, samples = evaluate_encoder(snakemake.input.checkpoint, spec, read_jsonl(snakemake.input.data),
-                                            params.batch_size, params.max_length)
-        harness = None
-    else:
-        with tempfile.TemporaryDirectory() as include_dir:
-            metrics, harness, samples = run_harness(snakemake.input.checkpoint, spec, snakemake.input.data,
-                                                    Path(include_dir), params.batch_size)
+    # A merge: the task's own fine-tuned checkpoint (its head) with the merged tensors over it.
+    merged = Path(inputs.merged) if "merged" in inputs.keys() else None
+    overrides = load_file(merged / "merged.safetensors") if merged else None
+    model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
+    metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
+                                              params.max_length)
+    weights = checkpoint_hash(inputs.checkpoint)
+    if overrides is not None:
+        weights = hashlib.sha256((weights + file_sha256(merged / "merged.safetensors")).encode()).hexdigest()
     with atomic_file(snakemake.output.samples) as f:
         for sample in samples:
             f.write(json.dumps(sample, sort_keys=True, default=str) + "\n")
-    record = {**params.identity, "split": params.split, "primary_metric": spec.primary, "metrics": metrics,
-              "checkpoint_sha256": checkpoint_hash(snakemake.input.checkpoint), "harness": harness}
-    record.update({k: v for k, v in manifest.record.items() if k == "versions"})
-    write_json(record, snakemake.output.metrics)
+    identity = dict(params.identity)
+    if merged:  # record the hyper-parameters chosen on the selection split
+        selection = read_json(merged / "selection.json")
+        chosen = dict(selection["params"])
+        if "ingredients" in selection["info"]:  # soup-greedy: which models made it into the soup
+            chosen["ingredients"] = selection["info"]["ingredients"]
+        identity.update(params=chosen, selected_on=selection["selected_on"])
+    write_json({**identity, "split": params.split, "primary_metric": spec.primary, "metrics": metrics,
+                "checkpoint_sha256": weights, "harness": harness, "versions": library_versions()},
+               snakemake.output.metrics)
     log.info("%s: %s", spec.name, metrics)

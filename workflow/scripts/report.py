@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 
 from methods.io.job import job
-from methods.report.dare_report import write_report
+from methods.report.experiment import write_report
 
 with job(snakemake.log[0]) as log:
     table, plot = Path(snakemake.output.table), Path(snakemake.output.plot)

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from methods import registry
+from methods.evaluate.multitask import MultiTaskScorer
+from methods.io.checkpoint import atomic_dir, load_state_dict, write_json
+from methods.io.job import job
+from methods.io.manifest import Manifest
+from methods.merge.search import search
+from methods.prune.apply import DEFAULT_EXCLUDE
+from methods.tasks import get_task
+
+wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
+with job(snakemake.log[0], snakemake.threads) as log:
+    variant = params.variant
+    exclude = variant.get("exclude", DEFAULT_EXCLUDE[params.arch])
+    finetuned = dict(zip(params.tasks, inputs.finetuned))
+    validation = dict(zip(params.tasks, inputs.validation))
+    manifest = Manifest("merge", variant["method"], {"fixed": variant.get("params", {}), "grid": variant.get("grid", {}),
+                                                     "exclude": exclude},
+                        {"base": params.base, **{f"finetuned:{t}": p for t, p in finetuned.items()}},
+                        seeds={"mask": int(wc.mseed)})
+    scorer = MultiTaskScorer({task: (get_task(task), finetuned[task], validation[task]) for task in finetuned},
+                             params.batch_size, params.max_length)
+    merged, selection = search(variant["method"], load_state_dict(params.base),
+                               {task: load_state_dict(path) for task, path in finetuned.items()},
+                               variant.get("params", {}), variant.get("grid", {}), scorer,
+                               seed=int(wc.mseed), exclude=exclude, where=f"merge variant {wc.merge}")
+    selection.update(selected_on=params.selection_split, reference_scores=scorer.reference,
+                     task_scores=scorer.history)
+    with atomic_dir(snakemake.output[0]) as out:
+        save_file({k: v.contiguous() for k, v in merged.items()}, out / "merged.safetensors", metadata={"format": "pt"})
+        write_json(selection, out / "selection.json")
+        manifest.write(out, selected_params=selection["params"], selected_on=params.selection_split)
+    log.info("%s: chose %s on %s from %d grid points", variant["method"], selection["params"],
+             params.selection_split, len(selection["trials"]))
