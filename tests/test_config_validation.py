@@ -30,6 +30,10 @@ CASES = [
     ("unknown method parameter", ["prune", 0, "params"], {"rescal": False}, ["prune[0].params.rescal"]),
     ("task of the wrong architecture", ["models", "tiny-bert", "tasks"], ["zoo-review"],
      ["models.tiny-bert.tasks", "zoo-review"]),
+    ("merge grid value out of range", ["merge", "methods", 1, "grid"], {"scale": [0.5, -1.0]},
+     ["merge.methods[1].grid.scale[1]", "below the minimum"]),
+    ("merge of the wrong model count", ["merge", "methods", 0], {"method": "slerp", "models": ["tiny-llama"]},
+     ["merge.methods[0]", "slerp merges 2 models but tiny-llama has 1"]),
 ]
 
 
@@ -55,6 +59,8 @@ def test_schema_enums_match_the_registries():
     assert props["prune"]["items"]["properties"]["method"]["enum"] == registry.names("prune")
     optimizers = props["finetune"]["properties"]["optimizers"]["items"]["properties"]["method"]["enum"]
     assert optimizers == registry.names("finetune")
+    merges = props["merge"]["properties"]["methods"]["items"]["properties"]["method"]["enum"]
+    assert merges == registry.names("merge")
     task_enum = props["models"]["additionalProperties"]["properties"]["tasks"]["items"]["enum"]
     assert sorted(task_enum) == task_names()
 

@@ -468,3 +468,33 @@ def test_output_has_the_base_dtype():
     expected, _ = _merge("ties", {k: v.float() for k, v in base.items()},
                          {n: {k: v.float() for k, v in m.items()} for n, m in models.items()})
     _equal(out, {k: v.to(torch.bfloat16) for k, v in expected.items()})  # computed in float32, cast once
+
+
+def test_tied_input_output_embeddings_merge_once_and_stay_tied(tmp_path):
+    """transformers saves a tied LM head once (as the embedding); the merge sees one tensor and the
+    merged model, loaded back, still has lm_head == embed_tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from methods.io.checkpoint import load_state_dict
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base_model = LlamaForCausalLM(config)
+    base_model.save_pretrained(tmp_path / "base")
+    states = {}
+    for i in range(2):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base_model.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-2 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"ft{i}")
+        states[f"ft{i}"] = load_state_dict(tmp_path / f"ft{i}")
+    base = load_state_dict(tmp_path / "base")
+    assert "lm_head.weight" not in base  # stored once, as the embedding
+    merged, info = merge_state_dicts("task-arithmetic", base, states, {"scale": 0.5})
+    assert "model.embed_tokens.weight" in merged and "lm_head.weight" not in merged
+    reloaded = LlamaForCausalLM(config)
+    reloaded.load_state_dict(merged, strict=False)
+    assert torch.equal(reloaded.lm_head.weight, merged["model.embed_tokens.weight"])
