@@ -24,3 +24,13 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """config/test.yaml run to completion once per session in a fresh directory."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = str(REPO / "config" / "test.yaml")
+    result = run_snakemake(workdir, "--configfile", config, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, config

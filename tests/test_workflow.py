@@ -10,15 +10,6 @@ from methods.io.checkpoint import read_json
 pytestmark = pytest.mark.workflow
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = str(REPO / "config" / "test.yaml")
-    result = run_snakemake(workdir, "--configfile", config, "--cores", "2")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir, config
-
-
 def test_report_files_and_metric_rows(finished_run):
     workdir, _ = finished_run
     report = (workdir / "report" / "test" / "README.md").read_text()

@@ -24,6 +24,10 @@ def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str,
     be silently dropped onto the wrong architecture."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = load_for_task(checkpoint, spec)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"{checkpoint}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{rows} rows; tokenizer and weights do not belong together")
     if overrides:
         own = model.state_dict()
         unknown = sorted(set(overrides) - set(own))

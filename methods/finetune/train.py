@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from methods.finetune.batching import causal_lm_batch, encoder_batch
 from methods.finetune.loop import param_groups, train
+from methods.io.checkpoint import check_finite
 from methods.registry import Param, get, register
 from methods.seeding import seed_everything
 from methods.tasks import TaskSpec
@@ -91,6 +92,7 @@ def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_d
     opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params)
     losses = train(model, opt, make_batch, len(train_rows), budget.steps, budget.batch_size,
                    budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})")
+    check_finite(model.state_dict(), f"fine-tuned {spec.name}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return losses

@@ -4,33 +4,83 @@ so a killed job never leaves a partial output that looks complete."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 
+# Fault-injection hook for the test suite: seconds to wait between writing an artifact and renaming
+# it into place (only for targets whose path contains DCBENCH_FAULT_COMMIT_MATCH), so a test can
+# kill a job mid-write deterministically. Unset in normal runs.
+COMMIT_DELAY_ENV = "DCBENCH_FAULT_COMMIT_DELAY"
+COMMIT_MATCH_ENV = "DCBENCH_FAULT_COMMIT_MATCH"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file cannot be read; the message names the file."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A tensor holds NaN or inf; the message names the tensor."""
+
+
+@contextlib.contextmanager
+def _clear_disk_errors(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        # safetensors reports ENOSPC as a SafetensorError carrying the OS message
+        if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in str(error):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {target}; nothing was "
+                                        "written there (the partial copy was removed)") from error
+        raise
+
+
+def _commit_delay(target: Path) -> None:
+    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
+    if delay > 0 and os.environ.get(COMMIT_MATCH_ENV, "") in str(target):
+        time.sleep(delay)
+
+
+def _remove_debris(target: Path) -> None:
+    """Remove temporaries of a writer that was killed (kill -9 skips clean-up); Snakemake lets one
+    job at a time write a given target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename.
+    On any failure (including a full disk) the temporary directory is removed and ``target`` is
+    left as it was."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_debris(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with _clear_disk_errors(target):
+            yield tmp
+            _commit_delay(target)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -38,18 +88,29 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
+    """Write through a temporary sibling file renamed into place once complete and synced."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_debris(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with _clear_disk_errors(target):
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            _commit_delay(target)
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights with NaN or inf before they become an artifact."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(f"{where}: tensor {name!r} has {bad} NaN/inf values; refusing to save it")
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -63,6 +124,16 @@ def read_json(path: str | Path):
         return json.load(f)
 
 
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupt file is an error that names it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CorruptCheckpointError(
+            f"{path}: cannot read the safetensors file ({error}); it is corrupt or truncated. Delete it "
+            "(or its directory) and re-run the workflow to rebuild it.") from error
+
+
 def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint directory."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -70,16 +141,17 @@ def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     if index.exists():
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(read_json(index)["weight_map"].values())):
-            state.update(load_file(checkpoint_dir / shard))
+            state.update(load_tensors(checkpoint_dir / shard))
         return state
     path = checkpoint_dir / WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{checkpoint_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}; is this a checkpoint?")
-    return load_file(path)
+    return load_tensors(path)
 
 
 def save_like(state: dict[str, torch.Tensor], template_dir: str | Path, out_dir: Path) -> None:
     """Write ``state`` as model weights next to copies of the template's config and tokenizer files."""
+    check_finite(state, str(out_dir))
     template_dir = Path(template_dir)
     for item in template_dir.iterdir():
         if item.is_file() and not item.name.startswith("model") and item.name != MANIFEST:

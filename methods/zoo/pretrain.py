@@ -11,6 +11,7 @@ import torch
 
 from methods.finetune.batching import IGNORE, causal_lm_batch, encoder_batch
 from methods.finetune.loop import param_groups, train
+from methods.io.checkpoint import check_finite
 from methods.seeding import seed_everything
 from methods.zoo.models import (build_decoder, build_decoder_tokenizer, build_encoder,
                                 build_encoder_tokenizer)
@@ -69,6 +70,7 @@ def pretrain_encoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     losses = train(MaskedLMObjective(model), optimizer, make_batch, len(encodings), steps, batch_size,
                    warmup_ratio, seed, desc="pretrain encoder (MLM)")
+    check_finite(model.state_dict(), "pre-trained model")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return losses
@@ -90,6 +92,7 @@ def pretrain_decoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     losses = train(model, optimizer, make_batch, len(lines), steps, batch_size, warmup_ratio, seed,
                    desc="pretrain decoder (causal LM)")
+    check_finite(model.state_dict(), "pre-trained model")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return losses

@@ -99,6 +99,24 @@ def _check_methods() -> None:
                     f"models.{name}.tasks: {task} is a {get_task(task).arch} task but {name} is an {model['arch']}")
 
 
+def _check_model_sources() -> None:
+    """Local checkpoints must exist; hub ids must be reachable or already cached."""
+    for name, model in config["models"].items():
+        if model["source"] == "local":
+            path = Path(model["path"])
+            if not (path / "config.json").is_file():
+                raise registry.MethodConfigError(
+                    f"models.{name}.path: {str(path)!r} is not a checkpoint directory (no config.json there)")
+        elif model["source"] == "hub" and os.environ.get("HF_HUB_OFFLINE", "1") == "1":
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(model["id"], "config.json"), str):
+                raise registry.MethodConfigError(
+                    f"models.{name}.id: {model['id']!r} is not in the local Hugging Face cache and the workflow "
+                    "runs offline (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it, or use "
+                    "source: local with a checkpoint directory")
+
+
 def label(variant: dict) -> str:
     return variant.get("label", variant["method"])
 
@@ -109,6 +127,7 @@ def merge_models(variant: dict) -> list[str]:
 
 
 _check_methods()
+_check_model_sources()
 
 EXP = config["experiment"]
 RESULTS = f"results/{EXP}"

@@ -2,10 +2,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from methods.evaluate.run import evaluate_task, load_task_model
-from methods.io.checkpoint import atomic_file, checkpoint_hash, file_sha256, read_json, write_json
+from methods.io.checkpoint import atomic_file, checkpoint_hash, file_sha256, load_tensors, read_json, write_json
 from methods.io.job import job
 from methods.io.manifest import library_versions
 from methods.tasks import get_task
@@ -15,7 +13,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
     spec = get_task(snakemake.wildcards.task)
     # A merge: the task's own fine-tuned checkpoint (its head) with the merged tensors over it.
     merged = Path(inputs.merged) if "merged" in inputs.keys() else None
-    overrides = load_file(merged / "merged.safetensors") if merged else None
+    overrides = load_tensors(merged / "merged.safetensors") if merged else None
     model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
     metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
                                               params.max_length)

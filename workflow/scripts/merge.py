@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 from methods import registry
 from methods.evaluate.multitask import MultiTaskScorer
-from methods.io.checkpoint import atomic_dir, load_state_dict, write_json
+from methods.io.checkpoint import atomic_dir, check_finite, load_state_dict, write_json
 from methods.io.job import job
 from methods.io.manifest import Manifest
 from methods.merge.search import search
@@ -29,6 +29,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
                                seed=int(wc.mseed), exclude=exclude, where=f"merge variant {wc.merge}")
     selection.update(selected_on=params.selection_split, reference_scores=scorer.reference,
                      task_scores=scorer.history)
+    check_finite(merged, f"merge {wc.merge} of {wc.model}")
     with atomic_dir(snakemake.output[0]) as out:
         save_file({k: v.contiguous() for k, v in merged.items()}, out / "merged.safetensors", metadata={"format": "pt"})
         write_json(selection, out / "selection.json")
