@@ -17,7 +17,6 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from methods import registry  # noqa: E402
-from methods.prune.apply import DEFAULT_EXCLUDE  # noqa: E402
 from methods.tasks import get_task  # noqa: E402
 
 # No `configfile:` directive: it would be merged with a --configfile given on the command line,

@@ -1,8 +1,5 @@
-from pathlib import Path
-
 from safetensors.torch import save_file
 
-from methods import registry
 from methods.evaluate.multitask import MultiTaskScorer
 from methods.io.checkpoint import atomic_dir, check_finite, load_state_dict, write_json
 from methods.io.job import job
