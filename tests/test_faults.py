@@ -34,7 +34,7 @@ def _snakemake(workdir: Path, *args: str, env: dict | None = None, wait: bool = 
 def _kill_while_writing(workdir: Path, target_dir: str) -> subprocess.Popen:
     """Start the workflow with writes to ``target_dir/checkpoint`` held before their final rename;
     kill -9 the whole run once the complete weights sit in the temporary directory."""
-    run = _snakemake(workdir, env={"DCBENCH_FAULT_COMMIT_DELAY": "120",
+    run = _snakemake(workdir, "--rerun-incomplete", env={"DCBENCH_FAULT_COMMIT_DELAY": "120",
                                    "DCBENCH_FAULT_COMMIT_MATCH": target_dir + "/checkpoint"}, wait=False)
     deadline = time.time() + 300
     while not list((workdir / target_dir).glob(".checkpoint.tmp-*/model.safetensors")):
@@ -73,13 +73,17 @@ def test_kill_resume_lock_and_identical_results(tmp_path, finished_run):
     assert not (workdir / PRUNE / "checkpoint").exists()
     assert _snakemake(workdir, "--unlock").returncode == 0
 
-    # 3. resume to the end: nothing finished before a kill is redone, nothing temporary is left
+    # 3. resume to the end: nothing finished before a kill is redone, nothing temporary is left.
+    # With 2 cores one other job may be in flight at each kill; if it had already renamed its
+    # output, Snakemake had not yet recorded it as complete and rightly redoes it: at most one
+    # tracked output (one per job) per kill.
     middle = _finished_outputs(workdir)
     done = _snakemake(workdir, "--rerun-incomplete")
     assert done.returncode == 0, done.stderr[-3000:]
     after = _finished_outputs(workdir)
-    for path, mtime in {**before, **middle}.items():
-        assert after[path] == mtime, f"{path} was rebuilt"
+    rebuilt = {p for p, mtime in before.items() if middle.get(p) != mtime or after[p] != mtime}
+    rebuilt |= {p for p, mtime in middle.items() if after[p] != mtime}
+    assert len(rebuilt) <= 2, f"finished work was redone: {sorted(rebuilt)}"
     assert not [p for p in (workdir / "results").rglob("*.tmp-*")]
 
     # 4. deterministic: byte-identical metrics to the undisturbed run in another directory
