@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from methods.evaluate.run import evaluate_task, load_task_model
+from methods.evaluate.run import apply_overrides, evaluate_task, load_task_model
 from methods.tasks import TaskSpec
 
 
@@ -42,9 +42,7 @@ class MultiTaskScorer:
     def __call__(self, merged: dict[str, torch.Tensor]) -> float:
         scores = {}
         for name, (spec, model, tokenizer, _) in self.tasks.items():
-            missing = model.load_state_dict(merged, strict=False).unexpected_keys
-            if missing:
-                raise KeyError(f"task {name}: merged tensors {missing[:5]} are not in its model")
+            apply_overrides(model, merged, f"task {name}")
             scores[name] = self._primary(name)
         self.history.append(scores)
         return sum(normalized(scores[n], self.reference[n]) for n in scores) / len(scores)

@@ -18,10 +18,7 @@ from methods.zoo.tasks import read_jsonl
 
 
 def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str, torch.Tensor] | None = None):
-    """The task's model class from ``checkpoint``, with ``overrides`` copied over its tensors.
-
-    Every override must name a tensor of the model with the same shape, so a merged body can never
-    be silently dropped onto the wrong architecture."""
+    """The task's model class from ``checkpoint``, with ``overrides`` copied over its tensors."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = load_for_task(checkpoint, spec)
     rows = model.get_input_embeddings().num_embeddings
@@ -29,19 +26,26 @@ def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str,
         raise ValueError(f"{checkpoint}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                          f"{rows} rows; tokenizer and weights do not belong together")
     if overrides:
-        own = model.state_dict()
-        unknown = sorted(set(overrides) - set(own))
-        if unknown:
-            raise KeyError(f"{checkpoint}: the model has no tensors {unknown[:5]} to override")
-        for name, tensor in overrides.items():
-            if own[name].shape != tensor.shape:
-                raise ValueError(f"tensor {name!r}: override shape {tuple(tensor.shape)} differs from the "
-                                 f"model's {tuple(own[name].shape)}")
-        with torch.no_grad():
-            for name, tensor in overrides.items():
-                own[name].copy_(tensor.to(own[name].dtype))
+        apply_overrides(model, overrides, str(checkpoint))
     model.eval()
     return model, tokenizer
+
+
+def apply_overrides(model: torch.nn.Module, overrides: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``overrides`` over the model's tensors of the same names (cast to their dtype). Every
+    override must name a tensor of the model with the same shape, so a merged body can never be
+    silently dropped onto the wrong architecture."""
+    own = model.state_dict()
+    unknown = sorted(set(overrides) - set(own))
+    if unknown:
+        raise KeyError(f"{where}: the model has no tensors {unknown[:5]} to override")
+    for name, tensor in overrides.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"tensor {name!r}: override shape {tuple(tensor.shape)} differs from the "
+                             f"model's {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in overrides.items():
+            own[name].copy_(tensor.to(own[name].dtype))
 
 
 def evaluate_task(model, tokenizer, spec: TaskSpec, data_file: str | Path, batch_size: int,
