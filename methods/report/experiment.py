@@ -20,17 +20,17 @@ from methods.tasks import get_task  # noqa: E402
 SEED_AXES = ["seed", "mask_seed"]
 
 
-def primary_scores(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean, standard deviation and count of each task's headline metric over seeds."""
-    primary = metrics[metrics["is_primary"]]
+def primary_scores(metrics: pd.DataFrame, keys: list[str], metric: str | None = None) -> pd.DataFrame:
+    """Mean, standard deviation and count of each task's headline metric (or of ``metric``) over seeds."""
+    primary = metrics[metrics["is_primary"] if metric is None else metrics["metric"] == metric]
     keys = ["model", "task", "metric", "finetune"] + keys
     return primary.groupby(keys, sort=True, dropna=False)["value"].agg(["mean", "std", "count"]).reset_index()
 
 
-def _cell(mean: float, std: float, count: int) -> str:
+def _cell(mean: float, std: float, count: int, scale: float = 100.0, digits: int = 1) -> str:
     if count > 1 and pd.notna(std):
-        return f"{100 * mean:.1f} ± {100 * std:.1f}"
-    return f"{100 * mean:.1f}"
+        return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    return f"{scale * mean:.{digits}f}"
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -44,9 +44,10 @@ def _task_column(frame: pd.DataFrame) -> pd.Series:
 
 
 # -- delta pruning ------------------------------------------------------------------------------
-def prune_table(scores: pd.DataFrame) -> str:
+def prune_table(scores: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> str:
+    cells = [_cell(m, s, c, scale, digits) for m, s, c in zip(scores["mean"], scores["std"], scores["count"])]
     scores = scores.assign(column=_task_column(scores), method=scores["finetune"] + " → " + scores["variant"],
-                           cell=[_cell(m, s, c) for m, s, c in zip(scores["mean"], scores["std"], scores["count"])])
+                           cell=cells)
     order = list(dict.fromkeys(scores.sort_values(["model", "task"])["column"]))  # tasks grouped by model
     table = scores.pivot_table(index=["method", "drop_rate"], columns="column", values="cell", aggfunc="first")
     table = table.sort_index()[order]
@@ -150,6 +151,12 @@ def write_report(metrics: pd.DataFrame, experiment: str, table_path: Path, plot_
     scores = primary_scores(pd.concat([prune, *unpruned]), ["variant", "drop_rate"])
     plot_prune(scores, plot_path)
     lines += [prune_table(scores), "", f"![score vs drop rate]({plot_path.name})", ""]
+    with_text = pd.concat([prune, *unpruned])
+    if (with_text["metric"] == "perplexity").any():
+        lines += ["### Decoder perplexity on held-out text", "",
+                  "Perplexity (lower is better) of each decoder variant on the configured text "
+                  "(`evaluate.perplexity`), in the row of the task it was fine-tuned on.", "",
+                  prune_table(primary_scores(with_text, ["variant", "drop_rate"], "perplexity"), scale=1.0, digits=2), ""]
     merged = metrics[metrics["stage"] == "merge"]
     if len(merged):
         lines += ["## Merging", "",
@@ -162,6 +169,9 @@ def write_report(metrics: pd.DataFrame, experiment: str, table_path: Path, plot_
             lines += [f"### {model}", "", merge_table(metrics, model), ""]
     lines += ["## Tasks", ""]
     for task in dict.fromkeys(metrics.sort_values(["model", "task"])["task"]):
+        if task.startswith("lm-eval:"):
+            lines.append(f"- **{task}**: lm-evaluation-harness's own task, run by name (evaluate.harness_tasks)")
+            continue
         spec = get_task(task)
         lines.append(f"- **{task}** ({spec.arch}, {spec.kind}; headline `{spec.primary}`): {spec.description}")
     lines += ["", f"Generated from `results/{experiment}/metrics.csv` ({len(metrics)} metric rows)."]

@@ -10,11 +10,8 @@ training example.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Callable, Iterable
 
-from methods.io.checkpoint import atomic_file
 from methods.seeding import derive_seed
 from methods.tasks import TaskSpec, register_task
 from methods.zoo.language import (INTRANSITIVE, NUMBERS, TRANSITIVE, Generator,
@@ -37,7 +34,7 @@ RATING = register_task(TaskSpec(
 ARITHMETIC = register_task(TaskSpec(
     name="zoo-arithmetic", arch="decoder", kind="generation", text_fields=("question",),
     metrics=("exact_match",), primary="exact_match",
-    prompt="question : {question} answer :",
+    prompt="question : {question} answer :", answer_suffix=" .",
     description="addition and subtraction within twenty, answered in words; test problems are "
                 "never seen in fine-tuning (only as facts in the pre-training corpus)"))
 REVIEW = register_task(TaskSpec(
@@ -181,9 +178,11 @@ _SPECS = {spec.name: spec for spec in (SENTIMENT, ACCEPTABILITY, RATING, ARITHME
 ZOO_TASKS = tuple(_SPECS)
 
 
-def generate_corpus(seed: int, sentences: int) -> list[str]:
-    """Pre-training text: declaratives, reviews, counting and arithmetic facts, one per line."""
-    gen = Generator(derive_seed("zoo-corpus", seed))
+def generate_corpus(seed: int, sentences: int, purpose: str = "corpus") -> list[str]:
+    """Pre-training text: declaratives, reviews, counting and arithmetic facts, one per line.
+    Another ``purpose`` (e.g. "heldout", for perplexity) draws a text of the same distribution
+    from an independent stream; short sentences of a small language can still recur in both."""
+    gen = Generator(derive_seed(f"zoo-{purpose}", seed))
     lines = []
     for _ in range(sentences):
         u = gen.rng.random()
@@ -197,14 +196,3 @@ def generate_corpus(seed: int, sentences: int) -> list[str]:
             words = gen.arithmetic_fact()
         lines.append(_text(words))
     return lines
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    with atomic_file(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

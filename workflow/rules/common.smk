@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from methods import registry  # noqa: E402
+from methods.io.sources import package_checkpoint  # noqa: E402
 from methods.tasks import get_task  # noqa: E402
 
 # No `configfile:` directive: it would be merged with a --configfile given on the command line,
@@ -92,6 +93,8 @@ def _check_methods() -> None:
             raise registry.MethodConfigError(
                 f"{section}: two variants share the label(s) {sorted({l for l in labels if labels.count(l) > 1})}; set 'label'")
     for name, model in config["models"].items():
+        if model["arch"] not in config["finetune"]:
+            raise registry.MethodConfigError(f"finetune.{model['arch']}: no fine-tuning budget for {model['arch']}s (model {name})")
         for task in model["tasks"]:
             if get_task(task).arch != model["arch"]:
                 raise registry.MethodConfigError(
@@ -101,7 +104,12 @@ def _check_methods() -> None:
 def _check_model_sources() -> None:
     """Local checkpoints must exist; hub ids must be reachable or already cached."""
     for name, model in config["models"].items():
-        if model["source"] == "local":
+        if model["source"] == "package":
+            try:
+                package_checkpoint(model["package"])
+            except (ImportError, FileNotFoundError) as error:
+                raise registry.MethodConfigError(f"models.{name}.package: {error}") from None
+        elif model["source"] == "local":
             path = Path(model["path"])
             if not (path / "config.json").is_file():
                 raise registry.MethodConfigError(
@@ -116,6 +124,43 @@ def _check_model_sources() -> None:
                     "source: local with a checkpoint directory")
 
 
+def _check_data_sources() -> None:
+    """Real tasks need their data source configured, and local files must be where the layout says."""
+    from methods.data.glue import GLUE_FILES
+
+    text = config["evaluate"].get("perplexity")
+    if text:
+        if text["stride"] >= text["window"]:
+            raise registry.MethodConfigError("evaluate.perplexity.stride: must be below evaluate.perplexity.window")
+        if text["text"] != "zoo" and not Path(text["text"]).is_file():
+            raise registry.MethodConfigError(f"evaluate.perplexity.text: {text['text']!r} is not a file")
+        for name, model in config["models"].items():
+            if model["source"] == "zoo" and model["arch"] == "decoder" and text["window"] > model["max_length"]:
+                raise registry.MethodConfigError(
+                    f"evaluate.perplexity.window: {text['window']} exceeds models.{name}.max_length "
+                    f"({model['max_length']} positions)")
+
+    for name, model in config["models"].items():
+        for task in model["tasks"]:
+            family = get_task(task).source
+            if family == "zoo":
+                continue
+            settings = config.get("data", {}).get(family)
+            if not settings:
+                raise registry.MethodConfigError(
+                    f"models.{name}.tasks: {task} needs data.{family} (source: hub, or source: local with a path)")
+            if settings["source"] != "local":
+                continue
+            if family == "glue":
+                files = GLUE_FILES[task]
+                needed = [Path(settings["path"]) / files.directory / f for f in ("train.tsv", files.dev_file)]
+            else:
+                needed = [Path(settings["path"]) / f for f in ("train.jsonl", "test.jsonl")]
+            missing = [str(p) for p in needed if not p.is_file()]
+            if missing:
+                raise registry.MethodConfigError(f"data.{family}.path: {task} needs {', '.join(missing)}, which do(es) not exist")
+
+
 def label(variant: dict) -> str:
     return variant.get("label", variant["method"])
 
@@ -127,6 +172,7 @@ def merge_models(variant: dict) -> list[str]:
 
 _check_methods()
 _check_model_sources()
+_check_data_sources()
 
 EXP = config["experiment"]
 RESULTS = f"results/{EXP}"
@@ -190,16 +236,39 @@ def base_checkpoint(wildcards):
         return f"{RESULTS}/{wildcards.model}/pretrained"
     if model["source"] == "local":
         return model["path"]
+    if model["source"] == "package":
+        return str(package_checkpoint(model["package"]))
     return []
 
 
 def base_location(model_name: str) -> str:
     model = config["models"][model_name]
+    if model["source"] == "package":
+        return str(package_checkpoint(model["package"]))
     return {"zoo": f"{RESULTS}/{model_name}/pretrained", "local": model.get("path"), "hub": model.get("id")}[model["source"]]
 
 
 def task_data(task: str, split: str) -> str:
-    return f"{RESULTS}/zoo/tasks/{task}/{split}.jsonl"
+    return f"{RESULTS}/data/{task}/{split}.jsonl"
+
+
+def perplexity_text(wildcards) -> str | list:
+    """The text decoders are scored on (evaluate.perplexity.text): the zoo's held-out text, a file,
+    or nothing (encoders, or no perplexity configured)."""
+    settings = config["evaluate"].get("perplexity")
+    if not settings or config["models"][wildcards.model]["arch"] != "decoder":
+        return []
+    return f"{RESULTS}/zoo/heldout.txt" if settings["text"] == "zoo" else settings["text"]
+
+
+def perplexity_settings() -> dict:
+    settings = dict(config["evaluate"].get("perplexity") or {})
+    settings.pop("text", None)
+    return settings
+
+
+def harness_cache() -> str:
+    return f"{RESULTS}/cache/lm-eval" if config["evaluate"].get("harness_cache", True) else ""
 
 
 def evaluation_targets() -> list[str]:

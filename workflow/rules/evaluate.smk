@@ -5,6 +5,7 @@ rule evaluate:
     input:
         checkpoint=PRUNE_DIR + "/checkpoint",
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
+        text=perplexity_text,
     output:
         metrics=PRUNE_DIR + "/metrics.json",
         samples=PRUNE_DIR + "/samples.jsonl",
@@ -12,6 +13,9 @@ rule evaluate:
         split=config["evaluate"]["split"],
         batch_size=config["evaluate"]["batch_size"],
         max_length=lambda wc: config["models"][wc.model]["max_length"],
+        perplexity=perplexity_settings(),
+        harness_tasks=config["evaluate"].get("harness_tasks", []),
+        harness_cache=harness_cache(),
         identity=lambda wc: identity(wc, "prune", prune_variants()[wc.prune]["method"], wc.prune,
                                      drop_rate=float(wc.rate), mask_seed=int(wc.mseed),
                                      params={**prune_variants()[wc.prune].get("params", {}),
@@ -33,6 +37,7 @@ rule evaluate_finetuned:
     input:
         checkpoint=FT_DIR + "/checkpoint",
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
+        text=perplexity_text,
     output:
         metrics=FT_DIR + "/metrics.json",
         samples=FT_DIR + "/samples.jsonl",
@@ -40,6 +45,9 @@ rule evaluate_finetuned:
         split=config["evaluate"]["split"],
         batch_size=config["evaluate"]["batch_size"],
         max_length=lambda wc: config["models"][wc.model]["max_length"],
+        perplexity=perplexity_settings(),
+        harness_tasks=config["evaluate"].get("harness_tasks", []),
+        harness_cache=harness_cache(),
         identity=lambda wc: identity(wc, "finetune", finetune_variants()[wc.ft]["method"], wc.ft),
     threads: 1
     resources:
@@ -59,6 +67,7 @@ rule evaluate_merge:
         checkpoint=lambda wc: FT_DIR.format(model=wc.model, task=wc.task, ft=wc.ft, seed=wc.seed) + "/checkpoint",
         merged=MERGE_DIR + "/checkpoint",
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
+        text=perplexity_text,
     output:
         metrics=MERGE_DIR + "/eval~{task}/metrics.json",
         samples=MERGE_DIR + "/eval~{task}/samples.jsonl",
@@ -66,6 +75,9 @@ rule evaluate_merge:
         split=config["evaluate"]["split"],
         batch_size=config["evaluate"]["batch_size"],
         max_length=lambda wc: config["models"][wc.model]["max_length"],
+        perplexity=perplexity_settings(),
+        harness_tasks=config["evaluate"].get("harness_tasks", []),
+        harness_cache=harness_cache(),
         identity=lambda wc: identity(wc, "merge", merge_variants()[wc.merge]["method"], wc.merge,
                                      mask_seed=int(wc.mseed)),
     threads: 1

@@ -11,7 +11,8 @@ rule finetune:
         base=lambda wc: base_location(wc.model),
         model=lambda wc: config["models"][wc.model],
         variant=lambda wc: finetune_variants()[wc.ft],
-        budget=lambda wc: config["finetune"][config["models"][wc.model]["arch"]],
+        budget=lambda wc: {**config["finetune"][config["models"][wc.model]["arch"]],
+                           **config["finetune"].get("tasks", {}).get(wc.task, {})},
     threads: 2
     resources:
         mem_mb=4000,

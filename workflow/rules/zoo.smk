@@ -1,4 +1,4 @@
-"""Offline zoo: the generated corpus and tasks, and pre-training of zoo models."""
+"""Task data (generated zoo tasks, GLUE, GSM8K), the zoo corpus, and pre-training of zoo models."""
 
 
 rule zoo_corpus:
@@ -15,18 +15,32 @@ rule zoo_corpus:
         "../scripts/zoo_corpus.py"
 
 
-rule zoo_task:
+rule zoo_heldout_text:
     output:
-        **{split: task_data("{task}", split) for split in ("train", "validation", "test")},
+        RESULTS + "/zoo/heldout.txt",
     params:
         seed=config["zoo"]["seed"],
-        sizes=config["zoo"]["task_sizes"],
+        sentences=config["zoo"].get("heldout_sentences", 1000),
     log:
-        RESULTS + "/logs/zoo_task/{task}.log",
+        RESULTS + "/logs/zoo_heldout_text.log",
     conda:
         "../../envs/train.yaml"
     script:
-        "../scripts/zoo_task.py"
+        "../scripts/zoo_corpus.py"
+
+
+rule task_data:
+    output:
+        **{split: task_data("{task}", split) for split in ("train", "validation", "test")},
+    params:
+        zoo=config["zoo"],
+        data=config.get("data", {}),
+    log:
+        RESULTS + "/logs/task_data/{task}.log",
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../scripts/task_data.py"
 
 
 rule pretrain:

@@ -2,6 +2,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from methods.evaluate.harness import run_named_tasks
+from methods.evaluate.perplexity import text_perplexity
 from methods.evaluate.run import evaluate_task, load_task_model
 from methods.io.checkpoint import atomic_file, checkpoint_hash, file_sha256, load_tensors, read_json, write_json
 from methods.io.job import job
@@ -15,11 +17,23 @@ with job(snakemake.log[0], snakemake.threads) as log:
     merged = Path(inputs.merged) if "merged" in inputs.keys() else None
     overrides = load_tensors(merged / "merged.safetensors") if merged else None
     model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
-    metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
-                                              params.max_length)
     weights = checkpoint_hash(inputs.checkpoint)
     if overrides is not None:
         weights = hashlib.sha256((weights + file_sha256(merged / "merged.safetensors")).encode()).hexdigest()
+    cache = Path(params.harness_cache) / weights if params.harness_cache else None
+    metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
+                                              params.max_length, cache)
+    record_extra = {}
+    text = inputs.text if "text" in inputs.keys() else []  # an empty input when not configured
+    if text:
+        ppl = text_perplexity(model, tokenizer, text, **params.perplexity)
+        metrics["perplexity"] = ppl["perplexity"]
+        record_extra["perplexity"] = {**ppl, "text": str(text), "text_sha256": file_sha256(text)}
+    if params.harness_tasks and not spec.is_encoder:
+        named, summary, named_samples = run_named_tasks(model, tokenizer, params.harness_tasks, params.batch_size,
+                                                        cache)
+        record_extra["harness_tasks"] = {"metrics": named, "summary": summary}
+        samples += [{"harness_task": task, **sample} for task, rows in named_samples.items() for sample in rows]
     with atomic_file(snakemake.output.samples) as f:
         for sample in samples:
             f.write(json.dumps(sample, sort_keys=True, default=str) + "\n")
@@ -31,6 +45,6 @@ with job(snakemake.log[0], snakemake.threads) as log:
             chosen["ingredients"] = selection["info"]["ingredients"]
         identity.update(params=chosen, selected_on=selection["selected_on"])
     write_json({**identity, "split": params.split, "primary_metric": spec.primary, "metrics": metrics,
-                "checkpoint_sha256": weights, "harness": harness, "versions": library_versions()},
+                "checkpoint_sha256": weights, "harness": harness, **record_extra, "versions": library_versions()},
                snakemake.output.metrics)
     log.info("%s: %s", spec.name, metrics)

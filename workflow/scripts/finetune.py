@@ -4,7 +4,7 @@ from methods.io.checkpoint import atomic_dir
 from methods.io.job import job
 from methods.io.manifest import Manifest
 from methods.tasks import get_task
-from methods.zoo.tasks import read_jsonl
+from methods.data.jsonl import read_jsonl
 
 wc, params = snakemake.wildcards, snakemake.params
 with job(snakemake.log[0], snakemake.threads) as log:

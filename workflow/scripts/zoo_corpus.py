@@ -3,7 +3,9 @@ from methods.io.job import job
 from methods.zoo.tasks import generate_corpus
 
 with job(snakemake.log[0]) as log:
-    lines = generate_corpus(snakemake.params.seed, snakemake.params.sentences)
+    # The held-out text (perplexity) is drawn from its own stream, the corpus from the original one.
+    purpose = "heldout" if snakemake.rule == "zoo_heldout_text" else "corpus"
+    lines = generate_corpus(snakemake.params.seed, snakemake.params.sentences, purpose)
     with atomic_file(snakemake.output[0]) as f:
         f.write("\n".join(lines) + "\n")
-    log.info("wrote %d sentences to %s", len(lines), snakemake.output[0])
+    log.info("wrote %d %s sentences to %s", len(lines), purpose, snakemake.output[0])
