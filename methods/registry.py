@@ -87,8 +87,9 @@ def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = 
 
 def _load_builtin_methods() -> None:
     # Importing the family packages registers their methods.
+    import methods.finetune.adamr  # noqa: F401
     import methods.finetune.train  # noqa: F401
-    import methods.prune.dare  # noqa: F401
+    import methods.prune  # noqa: F401
     import methods.merge  # noqa: F401
 
 

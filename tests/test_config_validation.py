@@ -102,7 +102,8 @@ def test_glue_minilm_config_builds_its_dag(tmp_path, shared_data):
 
 def test_registry_parameter_checks_name_the_key():
     spec = registry.get("prune", "dare")
-    assert spec.resolve({"drop_rate": 0.5}, "prune[0]") == {"drop_rate": 0.5, "rescale": True}
+    assert spec.resolve({"drop_rate": 0.5}, "prune[0]") == {"drop_rate": 0.5, "rescale": True,
+                                                          "rescale_rule": "inverse-keep"}
     with pytest.raises(registry.MethodConfigError, match=r"prune\[0\]\.drop_rate: 1.5 is above"):
         spec.resolve({"drop_rate": 1.5}, "prune[0]")
     with pytest.raises(registry.MethodConfigError, match="expected bool"):

@@ -25,7 +25,7 @@ def perplexity(model, tokenizer, text: str, window: int, stride: int, max_tokens
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and window > positions:
         raise ValueError(f"perplexity window {window} exceeds the model's {positions} positions; lower evaluate.perplexity.window")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:

@@ -8,12 +8,18 @@ does not depend on the device, the weight dtype, the order in which tensors are 
 many other tensors (or models) are processed. The official code draws ``bernoulli(full_like(δ, p))``
 in the weight's dtype on one global stream; in bf16 that turns p = 0.99 into 0.98828 and inflates
 the expected delta by 17% (spec dpp_merge.md §1.6), which this construction avoids.
+
+Rescale rules (``rescale_rule``): ``inverse-keep`` is the paper's 1/(1 − p); ``l1-match`` is
+mergekit's ``dare_linear`` rescale ‖δ‖₁/‖m ⊙ δ‖₁ on the same mask. ``rescale=False`` is DropOnly
+whatever the rule. The other members of the family (``drop-only``, ``darex-q``) live in
+``methods/prune/darex.py`` and draw the same mask.
 """
 
 from __future__ import annotations
 
 import torch
 
+from methods.prune.common import RESCALE_RULES, check_drop_rate, f32, rescale_survivors
 from methods.registry import Param, register
 from methods.seeding import cpu_generator
 
@@ -26,26 +32,27 @@ def keep_mask(shape: torch.Size, drop_rate: float, mask_seed: int, tensor_name: 
 
 
 def dare_delta(delta: torch.Tensor, drop_rate: float, mask_seed: int, tensor_name: str,
-               rescale: bool = True) -> torch.Tensor:
+               rescale: bool = True, rescale_rule: str = "inverse-keep") -> torch.Tensor:
     """DARE applied to one delta tensor; returns float32 on the delta's device.
 
-    ``rescale=False`` is the paper's DropOnly ablation (kept entries unscaled)."""
-    if not 0.0 <= drop_rate <= 1.0:
-        raise ValueError(f"drop_rate must lie in [0, 1], got {drop_rate}")
-    delta = delta.to(torch.float32)
+    ``rescale=False`` is the paper's DropOnly ablation (kept entries unscaled);
+    ``rescale_rule="l1-match"`` is mergekit's L1-norm rescale (see the module docstring)."""
+    drop_rate = check_drop_rate(drop_rate, tensor_name)
+    delta = f32(delta)
     if drop_rate == 0.0:
         return delta.clone()
     if drop_rate == 1.0:
         return torch.zeros_like(delta)  # nothing survives; no 1/0 rescale
     keep = keep_mask(delta.shape, drop_rate, mask_seed, tensor_name).to(delta.device)
-    kept = delta / (1.0 - drop_rate) if rescale else delta
-    return torch.where(keep, kept, torch.zeros((), dtype=torch.float32, device=delta.device))
+    return rescale_survivors(delta, keep, drop_rate, rescale, rescale_rule, tensor_name)
 
 
 @register("prune", "dare", params=(
     Param("drop_rate", float, 0.9, minimum=0.0, maximum=1.0, doc="fraction p of delta entries dropped"),
-    Param("rescale", bool, True, doc="multiply survivors by 1/(1-p) (False = DropOnly)"),
+    Param("rescale", bool, True, doc="rescale the survivors (False = DropOnly)"),
+    Param("rescale_rule", str, "inverse-keep", choices=RESCALE_RULES,
+          doc="inverse-keep: x 1/(1-p) (paper); l1-match: x ||d||_1/||m*d||_1 per tensor (mergekit)"),
 ), doc="DARE: random drop with rate p, survivors rescaled by 1/(1-p) (Yu et al. 2024)")
 def dare(delta: torch.Tensor, *, drop_rate: float, mask_seed: int, tensor_name: str,
-         rescale: bool = True) -> torch.Tensor:
-    return dare_delta(delta, drop_rate, mask_seed, tensor_name, rescale=rescale)
+         rescale: bool = True, rescale_rule: str = "inverse-keep") -> torch.Tensor:
+    return dare_delta(delta, drop_rate, mask_seed, tensor_name, rescale=rescale, rescale_rule=rescale_rule)
