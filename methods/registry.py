@@ -53,6 +53,9 @@ class MethodSpec:
     params: tuple[Param, ...] = field(default_factory=tuple)
     doc: str = ""
     n_models: tuple[int, int | None] = (1, None)  # merges: how many fine-tuned models it takes
+    # fine-tuning methods that change the model itself (LoRA): prepare_model(model, spec, params)
+    # before training and finalize_model(model) before saving
+    hooks: dict = field(default_factory=dict)
 
     def resolve(self, given: dict | None, where: str) -> dict:
         """Fill defaults and check every given parameter; ``where`` is the config key prefix."""
@@ -71,7 +74,7 @@ _REGISTRY: dict[str, dict[str, MethodSpec]] = {family: {} for family in FAMILIES
 
 
 def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = "",
-             n_models: tuple[int, int | None] = (1, None)):
+             n_models: tuple[int, int | None] = (1, None), hooks: dict | None = None):
     if family not in _REGISTRY:
         raise ValueError(f"unknown method family {family!r}; families: {FAMILIES}")
 
@@ -79,7 +82,7 @@ def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = 
         if name in _REGISTRY[family]:
             raise ValueError(f"{family} method {name!r} is registered twice")
         _REGISTRY[family][name] = MethodSpec(family, name, fn, tuple(params), doc or (fn.__doc__ or ""),
-                                             n_models)
+                                             n_models, dict(hooks or {}))
         return fn
 
     return decorate
@@ -88,6 +91,7 @@ def register(family: str, name: str, params: tuple[Param, ...] = (), doc: str = 
 def _load_builtin_methods() -> None:
     # Importing the family packages registers their methods.
     import methods.finetune.adamr  # noqa: F401
+    import methods.finetune.lora  # noqa: F401
     import methods.finetune.train  # noqa: F401
     import methods.prune  # noqa: F401
     import methods.merge  # noqa: F401

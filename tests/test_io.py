@@ -91,3 +91,21 @@ def test_metric_outside_its_range_stops_the_aggregation(tmp_path):
     assert records_to_frame([good])["value"].tolist() == [0.9]
     with pytest.raises(MetricOutOfRange, match=r"bad.json: metric accuracy = 1.7 is outside \[0.0, 1.0\]"):
         records_to_frame([good, bad])
+
+
+def test_base_saved_by_another_model_class_is_aligned_by_name():
+    import pytest
+    import torch
+
+    from methods.io.checkpoint import align_names
+
+    base = {"embeddings.word_embeddings.weight": torch.zeros(2), "pooler.dense.weight": torch.ones(2)}
+    finetuned = {"bert.embeddings.word_embeddings.weight": torch.ones(2), "bert.pooler.dense.weight": torch.ones(2),
+                 "classifier.weight": torch.ones(2)}
+    aligned = align_names(base, finetuned, "test")
+    assert set(aligned) == {"bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight"}
+    assert torch.equal(aligned["bert.embeddings.word_embeddings.weight"], torch.zeros(2))
+    same = {"bert.pooler.dense.weight": torch.ones(2)}
+    assert align_names(same, finetuned, "test") == same
+    with pytest.raises(ValueError, match="no tensor of the fine-tuned model has a counterpart"):
+        align_names({"encoder.other": torch.ones(2)}, finetuned, "test")

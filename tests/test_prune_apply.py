@@ -63,3 +63,21 @@ def test_rate_zero_returns_the_fine_tuned_weights_bit_for_bit():
     assert all(torch.equal(out[k], ft[k]) for k in ft)
     dropped, _ = prune_state_dict(base, ft, "dare", {"drop_rate": 1.0, "rescale": True}, 0, [])
     assert torch.equal(dropped["bert.encoder.weight"], base["bert.encoder.weight"])
+
+
+def test_tensor_presets_select_attention_and_mlp_only():
+    from methods.prune.apply import excluded, exclusion
+
+    encoder = exclusion({"tensors": "attention-mlp"}, "encoder")
+    assert not excluded("bert.encoder.layer.0.attention.self.query.weight", encoder)
+    assert not excluded("bert.encoder.layer.1.intermediate.dense.bias", encoder)
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.LayerNorm.weight",
+                 "bert.pooler.dense.weight", "classifier.weight"):
+        assert excluded(name, encoder), name
+    decoder = exclusion({"tensors": "attention-mlp"}, "decoder")
+    assert not excluded("model.layers.3.self_attn.q_proj.weight", decoder)
+    assert not excluded("model.layers.0.mlp.down_proj.weight", decoder)
+    for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight"):
+        assert excluded(name, decoder), name
+    assert exclusion({}, "encoder") == [r"(^|\.)classifier\."] and exclusion({"tensors": "all"}, "encoder") == []
+    assert exclusion({"exclude": ["x"], "tensors": "all"}, "decoder") == ["x"]

@@ -18,20 +18,29 @@ def test_report_files_and_metric_rows(finished_run):
     metrics = pd.read_csv(workdir / "results" / "test" / "metrics.csv")
     config = yaml.safe_load(open(REPO / "config" / "test.yaml"))
     rates = config["prune"][0]["drop_rates"]
-    # tiny-bert: sentiment (accuracy) + rating (pearson, spearman, mean); tiny-llama: review (acc)
-    per_variant = 1 + 3 + 1
+    # tiny-bert: sentiment (accuracy) + rating (pearson, spearman, mean); tiny-llama: review (acc) and
+    # its perplexity on the held-out text
+    per_variant = 1 + 3 + 1 + 1
     prune = metrics[metrics["stage"] == "prune"]
     rates = [r for r in rates if r > 0]  # rate 0 is the fine-tuned model (stage "finetune")
-    assert len(prune) == per_variant * len(rates)
-    assert set(prune["drop_rate"]) == set(rates)
+    dare = prune[prune["variant"] == "dare"]
+    assert len(dare) == per_variant * len(rates)
+    assert set(dare["drop_rate"]) == set(rates)
+    # the other variants prune only the tasks they name (zoo-sentiment: one metric)
+    others = prune[prune["variant"] != "dare"]
+    assert set(others["variant"]) == {"darex-q", "importance"} and set(others["task"]) == {"zoo-sentiment"}
+    assert len(others) == 2
     assert len(metrics[metrics["stage"] == "finetune"]) == per_variant
+    perplexity = metrics[metrics["metric"] == "perplexity"]
+    assert set(perplexity["model"]) == {"tiny-llama"} and (perplexity["value"] > 1).all()
+    assert "### Decoder perplexity on held-out text" in report
     # merges: only tiny-bert has two tasks; each variant is scored on both with the task's own head
     merged = metrics[metrics["stage"] == "merge"]
     assert set(merged["model"]) == {"tiny-bert"}
     assert set(merged["variant"]) == {v["method"] for v in config["merge"]["methods"]}
     assert len(merged) == (1 + 3) * len(config["merge"]["methods"])
     assert (merged["selected_on"] == "validation").all()
-    assert metrics["value"].between(-1, 1).all()
+    assert metrics[metrics["metric"] != "perplexity"]["value"].between(-1, 1).all()
     assert "## Merging" in report and "| fine-tuned, one model per task |" in report
 
 
@@ -74,3 +83,25 @@ def test_merge_selection_uses_validation_and_records_the_grid(finished_run):
     assert [t["params"]["scale"] for t in selection["trials"]] == [0.5, 1.0]
     assert selection["params"] == selection["trials"][scores.index(max(scores))]["params"]
     assert set(selection["reference_scores"]) == {"zoo-sentiment", "zoo-rating"}
+
+
+def test_data_driven_pruning_records_what_it_chose(finished_run):
+    workdir, _ = finished_run
+    ft_dir = workdir / "results/test/tiny-bert/zoo-sentiment/ft~adamw/seed~0"
+    darex = read_json(ft_dir / "prune~darex-q_rate~0.9_mseed~0" / "checkpoint" / "manifest.json")
+    fitted = darex["fitted"]
+    assert fitted["q_rule"] == "validation" and 0.1 - 1e-9 <= fitted["q"] <= 1.0
+    assert "0.1" in fitted["scan"]  # DARE's q = 1 - p is the scan's first point
+    importance = read_json(ft_dir / "prune~importance_rate~0.9_mseed~0" / "checkpoint" / "manifest.json")
+    assert importance["fitted"]["calibrated_linears"] > 0 and "norms" not in importance["params"]
+
+
+def test_delta_diagnostics_and_recommendation_in_the_report(finished_run):
+    workdir, _ = finished_run
+    diagnostics = workdir / "results/test/tiny-llama/zoo-review/ft~adamw/seed~0/diagnostics"
+    layers = pd.read_csv(diagnostics / "layers.csv")
+    assert layers["layer"].iloc[-1] == "model" and (layers["max_abs"] > 0).all()
+    recommendation = read_json(diagnostics / "recommendation.json")
+    assert {r["situation"] for r in recommendation["recommendations"]} == {"post hoc", "fine-tuning under our control"}
+    report = (workdir / "report" / "test" / "README.md").read_text()
+    assert "## Delta diagnostics" in report and "| tiny-llama | zoo-review |" in report

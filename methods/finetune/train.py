@@ -89,9 +89,13 @@ def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_d
                                    tokenizer.pad_token_id)
 
     method = get("finetune", optimizer)
+    if "prepare_model" in method.hooks:  # e.g. LoRA: train adapters, then merge them into the weights
+        model = method.hooks["prepare_model"](model, spec, optimizer_params)
     opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params)
     losses = train(model, opt, make_batch, len(train_rows), budget.steps, budget.batch_size,
                    budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})")
+    if "finalize_model" in method.hooks:
+        model = method.hooks["finalize_model"](model)
     check_finite(model.state_dict(), f"fine-tuned {spec.name}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -134,9 +134,23 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             "(or its directory) and re-run the workflow to rebuild it.") from error
 
 
+def checkpoint_dir_of(location: str | Path) -> Path:
+    """A checkpoint directory, or the local snapshot of a hub id (downloaded only when the workflow
+    runs online, HF_HUB_OFFLINE=0)."""
+    path = Path(location)
+    if path.is_dir() or path.is_absolute() or str(location).startswith("."):
+        return path
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(location), local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") == "1",
+                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+
+
 def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
-    checkpoint_dir = Path(checkpoint_dir)
+    """All tensors of a (possibly sharded) safetensors checkpoint directory (or hub id)."""
+    checkpoint_dir = checkpoint_dir_of(checkpoint_dir)
     index = checkpoint_dir / WEIGHTS_INDEX
     if index.exists():
         state: dict[str, torch.Tensor] = {}
@@ -175,3 +189,25 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     for p in files:
         digest.update(p.name.encode() + file_sha256(p).encode())
     return digest.hexdigest()
+
+
+def align_names(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``base`` with its tensors renamed to the fine-tuned model's names where the two checkpoints
+    were saved by different model classes: a base saved as a bare ``BertModel`` (e.g.
+    sentence-transformers checkpoints) names ``embeddings.…`` what the fine-tuned
+    ``BertForSequenceClassification`` names ``bert.embeddings.…``. A fine-tuned tensor takes the
+    base tensor whose name equals its own without the first component; names present in both are
+    kept, and a renamed tensor appears under its new name only. Refuses when no fine-tuned tensor has a counterpart, since every delta would then be
+    silently empty."""
+    aligned = dict(base)
+    for name in finetuned:
+        if name not in aligned and "." in name:
+            stripped = name.split(".", 1)[1]
+            if stripped in aligned and stripped not in finetuned:
+                aligned[name] = aligned.pop(stripped)
+    shared = [n for n, t in finetuned.items() if t.is_floating_point() and n in aligned]
+    if not shared:
+        raise ValueError(f"{where}: no tensor of the fine-tuned model has a counterpart in the base "
+                         f"(fine-tuned {sorted(finetuned)[:3]} vs base {sorted(base)[:3]}); "
+                         "are these the same architecture?")
+    return aligned

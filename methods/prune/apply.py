@@ -9,7 +9,7 @@ no counterpart in the base (a new head). Per-tensor statistics are returned for 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -22,15 +22,35 @@ DEFAULT_EXCLUDE = {
 }
 
 
+# `tensors:` presets of a prune variant. attention-mlp keeps only the transformer blocks' attention
+# and MLP tensors (BERT: encoder.layer.N.{attention,intermediate,output} minus LayerNorm; Llama:
+# layers.N.{self_attn,mlp}), the common restriction of LLM delta-compression work.
+TENSOR_PRESETS = {
+    "all": {"encoder": [], "decoder": []},
+    "paper": DEFAULT_EXCLUDE,
+    "attention-mlp": {"encoder": [r"^(?!.*\.layer\.\d+\.(attention|intermediate|output)\.)", r"LayerNorm"],
+                      "decoder": [r"^(?!.*\.layers\.\d+\.(self_attn|mlp)\.)"]},
+}
+
+
+def exclusion(variant: dict, arch: str) -> list[str]:
+    """The exclude patterns of a config variant: its explicit ``exclude``, else its ``tensors`` preset."""
+    if "exclude" in variant:
+        return list(variant["exclude"])
+    return list(TENSOR_PRESETS[variant.get("tensors", "paper")][arch])
+
+
 def excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
 def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
                      method: str, params: dict, mask_seed: int, exclude: list[str],
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Return the pruned state dict and per-tensor stats (or the reason a tensor was kept)."""
-    spec = registry.get("prune", method)
+                     pruner: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Return the pruned state dict and per-tensor stats (or the reason a tensor was kept).
+    ``pruner`` replaces the registered function of ``method`` (same calling convention), for
+    settings a config cannot hold, such as a q per neuron."""
+    prune = pruner or registry.get("prune", method).fn
     out: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
     for name, weight in finetuned.items():
@@ -50,7 +70,7 @@ def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.T
             continue
         base_weight, ft_weight = base[name].to(torch.float32), weight.to(torch.float32)
         delta = ft_weight - base_weight
-        pruned = spec.fn(delta, mask_seed=mask_seed, tensor_name=name, **params)
+        pruned = prune(delta, mask_seed=mask_seed, tensor_name=name, **params)
         # base + (ft - base) can differ from ft in the last bit: entries the method left unchanged
         # take the fine-tuned value itself, so p = 0 (and unscaled survivors) are exact.
         out[name] = torch.where(pruned == delta, ft_weight, base_weight + pruned).to(weight.dtype)

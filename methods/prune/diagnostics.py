@@ -219,3 +219,21 @@ def recommend(diagnostics, *, drop_rate: float, arch: str = "encoder", can_finet
         reason += "; LoRA fine-tune: prune the product (alpha/r)*B*A of each adapted matrix"
     return {"method": method, "finetune": finetune, "q_rule": q_rule, "delta_regime": regime,
             "max_abs_delta": max_abs, "drop_rate": drop_rate, "arch": arch, "reason": reason}
+
+
+def diagnose(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *, exclude: Iterable[str],
+             input_means: Mapping[str, torch.Tensor] | None, drop_rates: Iterable[float], arch: str,
+             ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(tensor rows, layer rows, recommendations) for one fine-tuned model: the workflow's report
+    of its delta. Recommendations are given per drop rate for the two situations of the DAREx
+    flowchart: post hoc (the model is given; labelled and unlabelled data exist) and with control
+    of fine-tuning."""
+    rates = sorted(set(drop_rates)) or [0.9]
+    tensors = tensor_diagnostics(base, finetuned, exclude=exclude, input_means=input_means, drop_rate=max(rates))
+    layers = layer_diagnostics(tensors)
+    recommendations = [
+        {"situation": situation, **recommend(tensors, drop_rate=rate, arch=arch, can_finetune=can_finetune,
+                                             labelled_data=True, unlabelled_data=True)}
+        for can_finetune, situation in ((False, "post hoc"), (True, "fine-tuning under our control"))
+        for rate in rates]
+    return tensors, layers, recommendations

@@ -130,7 +130,41 @@ def _params_text(params_json: str) -> str:
 
 
 # -- the page -----------------------------------------------------------------------------------
-def write_report(metrics: pd.DataFrame, experiment: str, table_path: Path, plot_path: Path) -> None:
+def diagnostics_section(recommendation_files: list[str | Path]) -> list[str]:
+    """Delta statistics of each fine-tuned model (the model row of its layers.csv) and the method
+    the DAREx decision procedure recommends post hoc at each drop rate."""
+    rows = []
+    rates: list[float] = []
+    for path in recommendation_files:
+        path = Path(path)
+        record = json.loads(path.read_text())
+        model_row = pd.read_csv(path.parent / "layers.csv").iloc[-1]
+        post_hoc = {r["drop_rate"]: r for r in record["recommendations"] if r["situation"] == "post hoc"}
+        controlled = [r for r in record["recommendations"] if r["situation"] != "post hoc"]
+        rates = sorted(post_hoc)
+        recommended = [post_hoc[r]["method"] + (f" ({post_hoc[r]['q_rule'].split(' (')[0]})"
+                                                if post_hoc[r]["method"] == "darex-q" else "") for r in rates]
+        with_control = " + ".join(filter(None, [controlled[-1]["finetune"], controlled[-1]["method"]])) if controlled else "–"
+        rows.append([record["model"], record["task"], f"{record['finetune']} (seed {record['seed']})",
+                     f"{model_row['max_abs']:.3g}", f"{model_row['mean']:.2e}", f"{model_row['var'] ** 0.5:.2e}",
+                     f"{model_row['norm_of_delta']:.3g}", f"{model_row['delta_of_norm']:.3g}",
+                     f"{model_row.get('dare_output_std_max', float('nan')):.3g}", *recommended, with_control])
+    if not rows:
+        return []
+    header = (["model", "task", "fine-tune", "max abs δ", "mean δ", "std δ", "NOD ‖δ‖", "DON", "DARE out std"]
+              + [f"post hoc, p = {r:g}" for r in rates] + [f"controlling fine-tuning, p = {rates[-1]:g}"])
+    return ["## Delta diagnostics", "",
+            "Statistics of each fine-tuned model's delta over the tensors the papers prune (NOD = Σ‖δ‖ over "
+            "tensors, DON = Σ(‖θ_ft‖ − ‖θ₀‖), after DONOD; *DARE out std* = the largest predicted standard "
+            "deviation of a layer output under DARE at the highest drop rate, √(p/(1−p)·Σ_j c_ij²) with "
+            "c = δ·x̄, the DAREx variance term), and the method the DAREx decision procedure recommends "
+            "(`methods/prune/diagnostics.py: recommend`; the flowchart is reconstructed from the paper's text). "
+            "Per-tensor and per-layer tables: `…/diagnostics/{tensors,layers}.csv` next to each fine-tuned model.",
+            "", _markdown(header, rows), ""]
+
+
+def write_report(metrics: pd.DataFrame, experiment: str, table_path: Path, plot_path: Path,
+                 diagnostics: list[str | Path] = ()) -> None:
     split = metrics["split"].iloc[0]
     seeds = {axis: sorted(metrics[axis].dropna().astype(int).unique().tolist()) for axis in SEED_AXES}
     lines = [
@@ -157,6 +191,7 @@ def write_report(metrics: pd.DataFrame, experiment: str, table_path: Path, plot_
                   "Perplexity (lower is better) of each decoder variant on the configured text "
                   "(`evaluate.perplexity`), in the row of the task it was fine-tuned on.", "",
                   prune_table(primary_scores(with_text, ["variant", "drop_rate"], "perplexity"), scale=1.0, digits=2), ""]
+    lines += diagnostics_section(list(diagnostics))
     merged = metrics[metrics["stage"] == "merge"]
     if len(merged):
         lines += ["## Merging", "",

@@ -67,6 +67,18 @@ def _check_methods() -> None:
             spec.resolve({**variant.get("params", {}), "drop_rate": float(rate)}, f"{where}.drop_rates[{j}]")
         if "drop_rate" in variant.get("params", {}):
             raise registry.MethodConfigError(f"{where}.params.drop_rate: give drop rates in {where}.drop_rates")
+        if "q_rule" in variant and variant["method"] not in ("darex-q", "structural"):
+            raise registry.MethodConfigError(f"{where}.q_rule: only darex-q and structural rescale by 1/q")
+        if variant["method"] == "darex-q" and "q_rule" not in variant and "q" not in variant.get("params", {}):
+            raise registry.MethodConfigError(f"{where}: darex-q needs q_rule (e.g. {{rule: validation}}) or params.q")
+        if variant.get("q_rule", {}).get("rule") == "mse-optimal" and variant["method"] != "darex-q":
+            raise registry.MethodConfigError(f"{where}.q_rule.rule: mse-optimal gives a q per neuron; only darex-q applies it")
+        if "exclude" in variant and "tensors" in variant:
+            raise registry.MethodConfigError(f"{where}: give either exclude or tensors, not both")
+        all_tasks = {t for m in config["models"].values() for t in m["tasks"]}
+        for j, task in enumerate(variant.get("tasks", [])):
+            if task not in all_tasks:
+                raise registry.MethodConfigError(f"{where}.tasks[{j}]: {task!r} is not a task of any model")
     for i, variant in enumerate(config["merge"]["methods"]):
         where = f"merge.methods[{i}]"
         spec = registry.get("merge", variant["method"], where + ".method")
@@ -284,12 +296,21 @@ def evaluation_targets() -> list[str]:
         for task, ft, seed in itertools.product(model["tasks"], finetune_variants(), config["finetune"]["seeds"]):
             targets.append(FT_DIR.format(model=name, task=task, ft=ft, seed=seed) + "/metrics.json")
             for prune, variant in prune_variants().items():
+                if task not in variant.get("tasks", [task]):
+                    continue
                 # Rate 0 drops nothing: that variant is the fine-tuned model, evaluated above.
                 rates = [rate for rate in variant["drop_rates"] if float(rate) > 0]
                 for rate, mseed in itertools.product(rates, variant["mask_seeds"]):
                     targets.append(PRUNE_DIR.format(model=name, task=task, ft=ft, seed=seed, prune=prune,
                                                     rate=fmt_rate(rate), mseed=mseed) + "/metrics.json")
     return targets
+
+
+def diagnostics_targets() -> list[str]:
+    """Delta diagnostics of every fine-tuned model (when any pruning variant prunes it)."""
+    return [FT_DIR.format(model=name, task=task, ft=ft, seed=seed) + "/diagnostics/recommendation.json"
+            for name, model in config["models"].items()
+            for task, ft, seed in itertools.product(model["tasks"], finetune_variants(), config["finetune"]["seeds"])]
 
 
 def report_targets() -> list[str]:

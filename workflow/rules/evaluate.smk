@@ -19,6 +19,8 @@ rule evaluate:
         identity=lambda wc: identity(wc, "prune", prune_variants()[wc.prune]["method"], wc.prune,
                                      drop_rate=float(wc.rate), mask_seed=int(wc.mseed),
                                      params={**prune_variants()[wc.prune].get("params", {}),
+                                             **({"q_rule": prune_variants()[wc.prune]["q_rule"]["rule"]}
+                                                if "q_rule" in prune_variants()[wc.prune] else {}),
                                              "drop_rate": float(wc.rate)}),
     threads: 1
     resources:

@@ -16,7 +16,8 @@ rule aggregate:
 
 rule report:
     input:
-        RESULTS + "/metrics.csv",
+        metrics=RESULTS + "/metrics.csv",
+        diagnostics=diagnostics_targets(),
     output:
         table=report(REPORT + "/README.md", category="Tables", caption="../../report/captions/experiment_report.rst"),
         plot=report(REPORT + "/score_vs_drop_rate.png", category="Plots",

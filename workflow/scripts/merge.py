@@ -1,7 +1,7 @@
 from safetensors.torch import save_file
 
 from methods.evaluate.multitask import MultiTaskScorer
-from methods.io.checkpoint import atomic_dir, check_finite, load_state_dict, write_json
+from methods.io.checkpoint import align_names, atomic_dir, check_finite, load_state_dict, write_json
 from methods.io.job import job
 from methods.io.manifest import Manifest
 from methods.merge.search import search
@@ -20,8 +20,9 @@ with job(snakemake.log[0], snakemake.threads) as log:
                         seeds={"mask": int(wc.mseed)})
     scorer = MultiTaskScorer({task: (get_task(task), finetuned[task], validation[task]) for task in finetuned},
                              params.batch_size, params.max_length)
-    merged, selection = search(variant["method"], load_state_dict(params.base),
-                               {task: load_state_dict(path) for task, path in finetuned.items()},
+    models = {task: load_state_dict(path) for task, path in finetuned.items()}
+    base = align_names(load_state_dict(params.base), next(iter(models.values())), f"merge {wc.model}")
+    merged, selection = search(variant["method"], base, models,
                                variant.get("params", {}), variant.get("grid", {}), scorer,
                                seed=int(wc.mseed), exclude=exclude, where=f"merge variant {wc.merge}")
     selection.update(selected_on=params.selection_split, reference_scores=scorer.reference,

@@ -1,23 +1,37 @@
+from pathlib import Path
+
 from methods import registry
-from methods.io.checkpoint import atomic_dir, load_state_dict, save_like
+from methods.io.checkpoint import align_names, atomic_dir, load_state_dict, save_like
 from methods.io.job import job
 from methods.io.manifest import Manifest
-from methods.prune.apply import DEFAULT_EXCLUDE, prune_state_dict
+from methods.prune.apply import exclusion, prune_state_dict
+from methods.prune.fit import PruneFitter, TaskData
+from methods.tasks import get_task
 
-wc, params = snakemake.wildcards, snakemake.params
+wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
     variant = params.variant
+    drop_rate = float(wc.rate)
     method_params = registry.get("prune", variant["method"]).resolve(
-        {**variant.get("params", {}), "drop_rate": float(wc.rate)}, "params")
-    exclude = variant.get("exclude", DEFAULT_EXCLUDE[params.arch])
-    manifest = Manifest("prune", variant["method"], {**method_params, "exclude": exclude},
-                        {"base": params.base, "finetuned": snakemake.input.finetuned},
-                        seeds={"mask": int(wc.mseed)})
-    state, stats = prune_state_dict(load_state_dict(params.base), load_state_dict(snakemake.input.finetuned),
-                                    variant["method"], method_params, int(wc.mseed), exclude)
+        {**variant.get("params", {}), "drop_rate": drop_rate}, "params")
+    exclude = exclusion(variant, params.arch)
+    finetuned = load_state_dict(inputs.finetuned)
+    base = align_names(load_state_dict(params.base), finetuned, f"prune {wc.model}/{wc.task}")
+    pruner, fitted = None, {}
+    if variant["method"] in ("importance", "darex-q", "structural"):
+        data = TaskData(get_task(wc.task), Path(inputs.finetuned), Path(inputs.validation), Path(inputs.calibration),
+                        params.batch_size, params.max_length, params.calibration_examples)
+        fitter = PruneFitter(data, base, finetuned, exclude, int(wc.mseed))
+        method_params, pruner, fitted = fitter.fit(variant["method"], method_params, variant.get("q_rule"), drop_rate)
+        log.info("%s: fitted on the data: %s", variant["method"], {k: v for k, v in fitted.items() if k != "scan"})
+    recorded = {k: v for k, v in method_params.items() if k != "norms"}  # norms: a tensor per layer
+    manifest = Manifest("prune", variant["method"], {**recorded, "exclude": exclude, "q_rule": variant.get("q_rule")},
+                        {"base": params.base, "finetuned": inputs.finetuned}, seeds={"mask": int(wc.mseed)})
+    state, stats = prune_state_dict(base, finetuned, variant["method"], method_params, int(wc.mseed), exclude, pruner)
     with atomic_dir(snakemake.output[0]) as out:
-        save_like(state, snakemake.input.finetuned, out)
-        manifest.write(out, mask_generator="cpu float32, seeded per (mask seed, tensor name)", tensors=stats)
+        save_like(state, inputs.finetuned, out)
+        manifest.write(out, mask_generator="cpu float32, seeded per (mask seed, tensor name)", fitted=fitted,
+                       tensors=stats)
     pruned = [s for s in stats.values() if s["pruned"]]
     kept = sum(s["kept_fraction"] * s["numel"] for s in pruned) / max(1, sum(s["numel"] for s in pruned))
     log.info("%s rate %s: %d tensors pruned, %d kept as fine-tuned; realised keep rate %.4f",
