@@ -110,3 +110,12 @@ def test_registry_parameter_checks_name_the_key():
         spec.resolve({"rescale": "yes"}, "prune[0]")
     with pytest.raises(registry.MethodConfigError, match="unknown prune method 'nope'"):
         registry.get("prune", "nope")
+
+
+def test_prune_variant_naming_an_unknown_task_is_refused(tmp_path):
+    config = _load()
+    config["prune"][1]["tasks"] = ["zoo-review-typo"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "prune[1].tasks[0]: 'zoo-review-typo' is not a task of any model" in output

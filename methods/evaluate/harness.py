@@ -28,6 +28,7 @@ HARNESS_SETTINGS = {
     "torch_random_seed": 1234,
     "fewshot_random_seed": 1234,
     "apply_chat_template": False,
+    "fewshot_as_multiturn": False,   # lm-eval >= 0.4.10 defaults to True; it only acts with a chat template
     "system_instruction": None,
     "gen_kwargs": None,
 }

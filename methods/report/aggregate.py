@@ -38,7 +38,7 @@ def _rows(path, record: dict, task: str, metrics: dict, primary: str, checked: b
             continue
         low, high = METRIC_RANGES.get(name, (-math.inf, math.inf)) if not checked else METRIC_RANGES[name]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
-            raise MetricOutOfRange(f"{path}: metric {name} = {value!r} of {task} is outside [{low}, {high}]")
+            raise MetricOutOfRange(f"{path}: metric {name} = {value!r} is outside [{low}, {high}] (task {task})")
         rows.append({**identity, "metric": name, "value": float(value),
                      "stderr": metrics.get(f"{name}_stderr", float("nan")),
                      "is_primary": name == primary, "checkpoint_sha256": record["checkpoint_sha256"]})

@@ -75,10 +75,6 @@ def _check_methods() -> None:
             raise registry.MethodConfigError(f"{where}.q_rule.rule: mse-optimal gives a q per neuron; only darex-q applies it")
         if "exclude" in variant and "tensors" in variant:
             raise registry.MethodConfigError(f"{where}: give either exclude or tensors, not both")
-        all_tasks = {t for m in config["models"].values() for t in m["tasks"]}
-        for j, task in enumerate(variant.get("tasks", [])):
-            if task not in all_tasks:
-                raise registry.MethodConfigError(f"{where}.tasks[{j}]: {task!r} is not a task of any model")
     for i, variant in enumerate(config["merge"]["methods"]):
         where = f"merge.methods[{i}]"
         spec = registry.get("merge", variant["method"], where + ".method")
@@ -173,6 +169,15 @@ def _check_data_sources() -> None:
                 raise registry.MethodConfigError(f"data.{family}.path: {task} needs {', '.join(missing)}, which do(es) not exist")
 
 
+def _check_variant_tasks() -> None:
+    """Tasks a prune variant names must belong to some model (checked after the models themselves)."""
+    all_tasks = {t for m in config["models"].values() for t in m["tasks"]}
+    for i, variant in enumerate(config["prune"]):
+        for j, task in enumerate(variant.get("tasks", [])):
+            if task not in all_tasks:
+                raise registry.MethodConfigError(f"prune[{i}].tasks[{j}]: {task!r} is not a task of any model")
+
+
 def label(variant: dict) -> str:
     return variant.get("label", variant["method"])
 
@@ -185,6 +190,7 @@ def merge_models(variant: dict) -> list[str]:
 _check_methods()
 _check_model_sources()
 _check_data_sources()
+_check_variant_tasks()
 
 EXP = config["experiment"]
 RESULTS = f"results/{EXP}"
