@@ -65,11 +65,10 @@ class TaskData:
     calibration_examples: int = 128
 
 
-def _encode_batches(model_tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int, max_length: int,
+def _encode_batches(tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int, max_length: int,
                     hidden_states: bool) -> list[dict]:
     """Unlabelled model inputs of a task's rows, batched: the encoder's text fields, or the
     decoder's prompt (what the model sees before it answers)."""
-    tokenizer = model_tokenizer
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
