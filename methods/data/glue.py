@@ -145,11 +145,16 @@ def read_glue_tsv(path: str | Path, task: str) -> list[dict]:
     return rows
 
 
-def load_glue_local(directory: str | Path, task: str) -> dict[str, list[dict]]:
-    """{"train", "dev"} rows of ``task`` from a glue_data directory."""
+def local_files(directory: str | Path, task: str) -> dict[str, Path]:
+    """{"train", "dev"} file paths of ``task`` in a glue_data directory."""
     files = GLUE_FILES[task]
     folder = Path(directory) / files.directory
-    return {"train": read_glue_tsv(folder / "train.tsv", task), "dev": read_glue_tsv(folder / files.dev_file, task)}
+    return {"train": folder / "train.tsv", "dev": folder / files.dev_file}
+
+
+def load_glue_local(directory: str | Path, task: str) -> dict[str, list[dict]]:
+    """{"train", "dev"} rows of ``task`` from a glue_data directory."""
+    return {split: read_glue_tsv(path, task) for split, path in local_files(directory, task).items()}
 
 
 def load_glue_hub(task: str, dataset: str = HUB_DATASET) -> dict[str, list[dict]]:

@@ -47,12 +47,14 @@ def _check(rows: list[dict], where: str) -> list[dict]:
     return [{"question": row["question"], "answer": row["answer"]} for row in rows]
 
 
+def local_files(directory: str | Path) -> dict[str, Path]:
+    return {split: Path(directory) / f"{split}.jsonl" for split in ("train", "test")}
+
+
 def load_gsm8k_local(directory: str | Path) -> dict[str, list[dict]]:
     """{"train", "test"} rows from a directory holding GSM8K's train.jsonl and test.jsonl."""
-    directory = Path(directory)
     out = {}
-    for split in ("train", "test"):
-        path = directory / f"{split}.jsonl"
+    for split, path in local_files(directory).items():
         if not path.is_file():
             raise FileNotFoundError(f"gsm8k: {path} does not exist (expected train.jsonl and test.jsonl)")
         out[split] = _check(read_jsonl(path), str(path))

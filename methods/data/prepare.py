@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from methods.data.splits import paper_holdout, subsample
 from methods.tasks import get_task
@@ -18,6 +19,20 @@ def _real_source(name: str, data: dict) -> dict:
     if not settings:
         raise KeyError(f"task {name} needs data.{family} in the config (source: hub, or source: local with a path)")
     return settings
+
+
+def local_source_files(name: str, directory: str | Path) -> list[Path]:
+    """The files a real task reads from a local data directory (for checks before any job)."""
+    family = get_task(name).source
+    if family == "glue":
+        from methods.data.glue import local_files
+
+        return list(local_files(directory, name).values())
+    if family == "gsm8k":
+        from methods.data.gsm8k import local_files
+
+        return list(local_files(directory).values())
+    raise ValueError(f"task {name} reads no local data directory (source {family!r})")
 
 
 def prepare_task(name: str, data: dict, zoo: dict) -> dict[str, list[dict]]:

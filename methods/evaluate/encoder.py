@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from methods.evaluate.metrics import classification_metrics, regression_metrics
-from methods.finetune.batching import encoder_batch
+from methods.finetune.batching import encode_texts, encoder_batch
 from methods.tasks import TaskSpec
 
 
@@ -18,8 +18,7 @@ def predict(model, tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int,
     predictions: list[float | int] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluate {spec.name}", mininterval=2.0):
         chunk = rows[start:start + batch_size]
-        encodings = [tokenizer(*(row[f] for f in spec.text_fields), truncation=True, max_length=max_length)
-                     for row in chunk]
+        encodings = encode_texts(tokenizer, spec.text_fields, chunk, max_length)
         logits = model(**encoder_batch(encodings, tokenizer.pad_token_id)).logits
         if spec.kind == "regression":
             predictions += logits[:, 0].tolist()

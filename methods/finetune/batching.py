@@ -21,6 +21,11 @@ def causal_lm_batch(prompts: list[list[int]], targets: list[list[int]], pad_id: 
             "labels": pad(labels, IGNORE)}
 
 
+def encode_texts(tokenizer, text_fields: tuple[str, ...], rows: list[dict], max_length: int) -> list[dict]:
+    """Tokenizer outputs of each row's text field(s) (a pair for sentence-pair tasks), truncated."""
+    return [tokenizer(*(row[f] for f in text_fields), truncation=True, max_length=max_length) for row in rows]
+
+
 def encoder_batch(encodings: list[dict], pad_id: int) -> dict:
     """Pad tokenizer outputs (input_ids, token_type_ids, attention_mask) to one width."""
     batch = {"input_ids": pad([e["input_ids"] for e in encodings], pad_id),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from methods.finetune.batching import causal_lm_batch, encoder_batch
+from methods.finetune.batching import causal_lm_batch, encode_texts, encoder_batch
 from methods.finetune.loop import param_groups, train
 from methods.io.checkpoint import check_finite
 from methods.registry import Param, get, register
@@ -67,9 +67,7 @@ def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_d
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = load_for_task(base_dir, spec)
     if spec.is_encoder:
-        fields = spec.text_fields
-        encodings = [tokenizer(*(row[f] for f in fields), truncation=True, max_length=budget.max_length)
-                     for row in train_rows]
+        encodings = encode_texts(tokenizer, spec.text_fields, train_rows, budget.max_length)
         label_dtype = torch.float32 if spec.kind == "regression" else torch.long
         labels = torch.tensor([row[spec.label_field] for row in train_rows], dtype=label_dtype)
 

@@ -140,8 +140,6 @@ def checkpoint_dir_of(location: str | Path) -> Path:
     path = Path(location)
     if path.is_dir() or path.is_absolute() or str(location).startswith("."):
         return path
-    import os
-
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(location), local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") == "1",
@@ -197,8 +195,8 @@ def align_names(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor
     sentence-transformers checkpoints) names ``embeddings.…`` what the fine-tuned
     ``BertForSequenceClassification`` names ``bert.embeddings.…``. A fine-tuned tensor takes the
     base tensor whose name equals its own without the first component; names present in both are
-    kept, and a renamed tensor appears under its new name only. Refuses when no fine-tuned tensor has a counterpart, since every delta would then be
-    silently empty."""
+    kept, and a renamed tensor appears under its new name only. Refuses when no fine-tuned tensor
+    has a counterpart, since every delta would then be silently empty."""
     aligned = dict(base)
     for name in finetuned:
         if name not in aligned and "." in name:

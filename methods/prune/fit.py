@@ -40,7 +40,7 @@ import torch
 
 from methods.data.jsonl import read_jsonl, write_jsonl
 from methods.data.splits import subsample
-from methods.finetune.batching import encoder_batch
+from methods.finetune.batching import encode_texts, encoder_batch
 from methods.finetune.train import decoder_prompt
 from methods.prune.apply import excluded, prune_state_dict
 from methods.prune.calibration import collect_input_stats, input_means, input_norms
@@ -51,6 +51,8 @@ from methods.tasks import TaskSpec
 
 Q_RULES = ("fixed", "validation", "output-change", "analytic", "learned", "mse-optimal")
 Q_METHODS = ("darex-q", "structural")   # methods whose survivors are rescaled by 1/q
+DATA_DRIVEN = ("importance", *Q_METHODS)  # methods whose parameters PruneFitter chooses from data
+CALIBRATION_EXAMPLES = 128                # train rows whose inputs give activation statistics
 
 
 @dataclass
@@ -62,7 +64,7 @@ class TaskData:
     calibration: Path                # train split: inputs only
     batch_size: int
     max_length: int
-    calibration_examples: int = 128
+    calibration_examples: int = CALIBRATION_EXAMPLES
 
 
 def _encode_batches(tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int, max_length: int,
@@ -73,9 +75,7 @@ def _encode_batches(tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         if spec.is_encoder:
-            encodings = [tokenizer(*(row[f] for f in spec.text_fields), truncation=True, max_length=max_length)
-                         for row in chunk]
-            batch = encoder_batch(encodings, tokenizer.pad_token_id)
+            batch = encoder_batch(encode_texts(tokenizer, spec.text_fields, chunk, max_length), tokenizer.pad_token_id)
             if hidden_states:
                 batch["output_hidden_states"] = True
         else:
@@ -83,6 +83,13 @@ def _encode_batches(tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int
                                    padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
         batches.append(batch)
     return batches
+
+
+def input_batches(tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, max_length: int,
+                  hidden_states: bool = False) -> list[dict]:
+    """Batched model inputs of (a seeded subsample of ``limit``) rows of a task split; labels unused."""
+    rows = subsample(read_jsonl(path), limit, "prune-calibration", str(Path(path).name))
+    return _encode_batches(tokenizer, spec, rows, batch_size, max_length, hidden_states)
 
 
 class OutputChange:
@@ -127,9 +134,8 @@ class PruneFitter:
 
     # -- data ------------------------------------------------------------------------------
     def _batches(self, path: Path, limit: int | None, hidden_states: bool) -> list[dict]:
-        rows = subsample(read_jsonl(path), limit, "prune-calibration", str(Path(path).name))
-        return _encode_batches(self.tokenizer, self.data.spec, rows, self.data.batch_size, self.data.max_length,
-                               hidden_states)
+        return input_batches(self.tokenizer, self.data.spec, path, limit, self.data.batch_size, self.data.max_length,
+                             hidden_states)
 
     def calibration_stats(self):
         if self._calibration_stats is None:
@@ -150,16 +156,20 @@ class PruneFitter:
         apply_overrides(self.model, state, "candidate pruning")
 
     def validation_file(self, limit: int | None) -> Path:
-        """The validation split, or a seeded subsample of ``limit`` rows (a scan scores it many times)."""
-        rows = read_jsonl(self.data.validation)
-        if limit is None or len(rows) <= limit:
+        """The validation split, or a seeded subsample of ``limit`` rows, written once (a scan scores
+        it many times)."""
+        if limit is None:
             return self.data.validation
         if limit not in self._subsets:
-            if self._tmp is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="prune-fit-")
-            path = Path(self._tmp.name) / f"validation-{limit}.jsonl"
-            write_jsonl(subsample(rows, limit, "prune-validation", str(self.data.validation)), path)
-            self._subsets[limit] = path
+            rows = read_jsonl(self.data.validation)
+            if len(rows) <= limit:
+                self._subsets[limit] = self.data.validation
+            else:
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="prune-fit-")
+                path = Path(self._tmp.name) / f"validation-{limit}.jsonl"
+                write_jsonl(subsample(rows, limit, "prune-validation", str(self.data.validation)), path)
+                self._subsets[limit] = path
         return self._subsets[limit]
 
     def validation_score(self, state: dict[str, torch.Tensor], limit: int | None = None) -> float:

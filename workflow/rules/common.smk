@@ -18,6 +18,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 
 from methods import registry  # noqa: E402
 from methods.io.sources import package_checkpoint  # noqa: E402
+from methods.prune.fit import Q_METHODS  # noqa: E402
 from methods.tasks import get_task  # noqa: E402
 
 # No `configfile:` directive: it would be merged with a --configfile given on the command line,
@@ -67,8 +68,8 @@ def _check_methods() -> None:
             spec.resolve({**variant.get("params", {}), "drop_rate": float(rate)}, f"{where}.drop_rates[{j}]")
         if "drop_rate" in variant.get("params", {}):
             raise registry.MethodConfigError(f"{where}.params.drop_rate: give drop rates in {where}.drop_rates")
-        if "q_rule" in variant and variant["method"] not in ("darex-q", "structural"):
-            raise registry.MethodConfigError(f"{where}.q_rule: only darex-q and structural rescale by 1/q")
+        if "q_rule" in variant and variant["method"] not in Q_METHODS:
+            raise registry.MethodConfigError(f"{where}.q_rule: only {' and '.join(Q_METHODS)} rescale by 1/q")
         if variant["method"] == "darex-q" and "q_rule" not in variant and "q" not in variant.get("params", {}):
             raise registry.MethodConfigError(f"{where}: darex-q needs q_rule (e.g. {{rule: validation}}) or params.q")
         if variant.get("q_rule", {}).get("rule") == "mse-optimal" and variant["method"] != "darex-q":
@@ -134,7 +135,7 @@ def _check_model_sources() -> None:
 
 def _check_data_sources() -> None:
     """Real tasks need their data source configured, and local files must be where the layout says."""
-    from methods.data.glue import GLUE_FILES
+    from methods.data.prepare import local_source_files
 
     text = config["evaluate"].get("perplexity")
     if text:
@@ -159,12 +160,7 @@ def _check_data_sources() -> None:
                     f"models.{name}.tasks: {task} needs data.{family} (source: hub, or source: local with a path)")
             if settings["source"] != "local":
                 continue
-            if family == "glue":
-                files = GLUE_FILES[task]
-                needed = [Path(settings["path"]) / files.directory / f for f in ("train.tsv", files.dev_file)]
-            else:
-                needed = [Path(settings["path"]) / f for f in ("train.jsonl", "test.jsonl")]
-            missing = [str(p) for p in needed if not p.is_file()]
+            missing = [str(p) for p in local_source_files(task, settings["path"]) if not p.is_file()]
             if missing:
                 raise registry.MethodConfigError(f"data.{family}.path: {task} needs {', '.join(missing)}, which do(es) not exist")
 
@@ -247,16 +243,11 @@ wildcard_constraints:
 
 
 def base_checkpoint(wildcards):
-    """The pre-trained checkpoint a model's fine-tunes start from: a file input for zoo/local
-    models, nothing for hub ids (transformers resolves them)."""
-    model = config["models"][wildcards.model]
-    if model["source"] == "zoo":
-        return f"{RESULTS}/{wildcards.model}/pretrained"
-    if model["source"] == "local":
-        return model["path"]
-    if model["source"] == "package":
-        return str(package_checkpoint(model["package"]))
-    return []
+    """The pre-trained checkpoint a model's fine-tunes start from, as a file input: the directory
+    of zoo, local and package models; nothing for hub ids (transformers resolves them)."""
+    if config["models"][wildcards.model]["source"] == "hub":
+        return []
+    return base_location(wildcards.model)
 
 
 def base_location(model_name: str) -> str:
@@ -313,7 +304,7 @@ def evaluation_targets() -> list[str]:
 
 
 def diagnostics_targets() -> list[str]:
-    """Delta diagnostics of every fine-tuned model (when any pruning variant prunes it)."""
+    """Delta diagnostics of every fine-tuned model."""
     return [FT_DIR.format(model=name, task=task, ft=ft, seed=seed) + "/diagnostics/recommendation.json"
             for name, model in config["models"].items()
             for task, ft, seed in itertools.product(model["tasks"], finetune_variants(), config["finetune"]["seeds"])]

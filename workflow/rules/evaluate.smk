@@ -1,5 +1,15 @@
 """Score every variant on its task: our evaluator for encoders, lm-evaluation-harness for decoders."""
 
+# What every evaluation rule passes to workflow/scripts/evaluate.py besides the row's identity.
+EVALUATION_PARAMS = {
+    "split": config["evaluate"]["split"],
+    "batch_size": config["evaluate"]["batch_size"],
+    "max_length": lambda wc: config["models"][wc.model]["max_length"],
+    "perplexity": perplexity_settings(),
+    "harness_tasks": config["evaluate"].get("harness_tasks", []),
+    "harness_cache": harness_cache(),
+}
+
 
 rule evaluate:
     input:
@@ -10,12 +20,7 @@ rule evaluate:
         metrics=PRUNE_DIR + "/metrics.json",
         samples=PRUNE_DIR + "/samples.jsonl",
     params:
-        split=config["evaluate"]["split"],
-        batch_size=config["evaluate"]["batch_size"],
-        max_length=lambda wc: config["models"][wc.model]["max_length"],
-        perplexity=perplexity_settings(),
-        harness_tasks=config["evaluate"].get("harness_tasks", []),
-        harness_cache=harness_cache(),
+        **EVALUATION_PARAMS,
         identity=lambda wc: identity(wc, "prune", prune_variants()[wc.prune]["method"], wc.prune,
                                      drop_rate=float(wc.rate), mask_seed=int(wc.mseed),
                                      params={**prune_variants()[wc.prune].get("params", {}),
@@ -44,12 +49,7 @@ rule evaluate_finetuned:
         metrics=FT_DIR + "/metrics.json",
         samples=FT_DIR + "/samples.jsonl",
     params:
-        split=config["evaluate"]["split"],
-        batch_size=config["evaluate"]["batch_size"],
-        max_length=lambda wc: config["models"][wc.model]["max_length"],
-        perplexity=perplexity_settings(),
-        harness_tasks=config["evaluate"].get("harness_tasks", []),
-        harness_cache=harness_cache(),
+        **EVALUATION_PARAMS,
         identity=lambda wc: identity(wc, "finetune", finetune_variants()[wc.ft]["method"], wc.ft),
     threads: 1
     resources:
@@ -74,12 +74,7 @@ rule evaluate_merge:
         metrics=MERGE_DIR + "/eval~{task}/metrics.json",
         samples=MERGE_DIR + "/eval~{task}/samples.jsonl",
     params:
-        split=config["evaluate"]["split"],
-        batch_size=config["evaluate"]["batch_size"],
-        max_length=lambda wc: config["models"][wc.model]["max_length"],
-        perplexity=perplexity_settings(),
-        harness_tasks=config["evaluate"].get("harness_tasks", []),
-        harness_cache=harness_cache(),
+        **EVALUATION_PARAMS,
         identity=lambda wc: identity(wc, "merge", merge_variants()[wc.merge]["method"], wc.merge,
                                      mask_seed=int(wc.mseed)),
     threads: 1

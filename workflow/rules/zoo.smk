@@ -20,7 +20,8 @@ rule zoo_heldout_text:
         RESULTS + "/zoo/heldout.txt",
     params:
         seed=config["zoo"]["seed"],
-        sentences=config["zoo"].get("heldout_sentences", 1000),
+        sentences=1000,
+        purpose="heldout",
     log:
         RESULTS + "/logs/zoo_heldout_text.log",
     conda:

@@ -5,9 +5,10 @@ import pandas as pd
 from methods.io.checkpoint import align_names, atomic_file, load_state_dict, write_json
 from methods.io.job import job
 from methods.prune.apply import DEFAULT_EXCLUDE
-from methods.prune.calibration import input_means
+from methods.evaluate.run import load_task_model
+from methods.prune.calibration import collect_input_stats, input_means
 from methods.prune.diagnostics import diagnose
-from methods.prune.fit import PruneFitter, TaskData
+from methods.prune.fit import CALIBRATION_EXAMPLES, input_batches
 from methods.tasks import get_task
 
 wc, params, inputs, output = snakemake.wildcards, snakemake.params, snakemake.input, snakemake.output
@@ -15,9 +16,11 @@ with job(snakemake.log[0], snakemake.threads) as log:
     finetuned = load_state_dict(inputs.finetuned)
     base = align_names(load_state_dict(params.base), finetuned, f"diagnostics {wc.model}/{wc.task}")
     exclude = DEFAULT_EXCLUDE[params.arch]  # the tensors the papers' DPP touches
-    data = TaskData(get_task(wc.task), Path(inputs.finetuned), Path(inputs.calibration), Path(inputs.calibration),
-                    params.batch_size, params.max_length)
-    means = input_means(PruneFitter(data, base, finetuned, exclude, 0).calibration_stats())
+    spec = get_task(wc.task)
+    model, tokenizer = load_task_model(inputs.finetuned, spec)
+    batches = input_batches(tokenizer, spec, Path(inputs.calibration), CALIBRATION_EXAMPLES, params.batch_size,
+                            params.max_length)
+    means = input_means(collect_input_stats(model, batches))
     tensors, layers, recommendations = diagnose(base, finetuned, exclude=exclude, input_means=means,
                                                 drop_rates=params.drop_rates, arch=params.arch)
     for path, rows in ((output.tensors, tensors), (output.layers, layers)):

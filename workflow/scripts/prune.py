@@ -5,7 +5,7 @@ from methods.io.checkpoint import align_names, atomic_dir, load_state_dict, save
 from methods.io.job import job
 from methods.io.manifest import Manifest
 from methods.prune.apply import exclusion, prune_state_dict
-from methods.prune.fit import PruneFitter, TaskData
+from methods.prune.fit import DATA_DRIVEN, PruneFitter, TaskData
 from methods.tasks import get_task
 
 wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
@@ -18,7 +18,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
     finetuned = load_state_dict(inputs.finetuned)
     base = align_names(load_state_dict(params.base), finetuned, f"prune {wc.model}/{wc.task}")
     pruner, fitted = None, {}
-    if variant["method"] in ("importance", "darex-q", "structural"):
+    if variant["method"] in DATA_DRIVEN:
         data = TaskData(get_task(wc.task), Path(inputs.finetuned), Path(inputs.validation), Path(inputs.calibration),
                         params.batch_size, params.max_length, params.calibration_examples)
         fitter = PruneFitter(data, base, finetuned, exclude, int(wc.mseed))

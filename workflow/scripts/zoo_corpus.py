@@ -4,7 +4,7 @@ from methods.zoo.tasks import generate_corpus
 
 with job(snakemake.log[0]) as log:
     # The held-out text (perplexity) is drawn from its own stream, the corpus from the original one.
-    purpose = "heldout" if snakemake.rule == "zoo_heldout_text" else "corpus"
+    purpose = getattr(snakemake.params, "purpose", "corpus")
     lines = generate_corpus(snakemake.params.seed, snakemake.params.sentences, purpose)
     with atomic_file(snakemake.output[0]) as f:
         f.write("\n".join(lines) + "\n")
