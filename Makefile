@@ -6,7 +6,7 @@ PYTHON ?= python3
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run run-glue test clean
+.PHONY: setup run run-glue test test-reference clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ run-glue: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# Conformance of our RTN grids and GPTQ with compressed-tensors / llm-compressor (skipped by `make test`
+# when they are not installed). llm-compressor's own pins exclude our transformers, hence --no-deps.
+test-reference: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet -c requirements.lock -e '.[quant-ref]'
+	$(VENV)/bin/pip install --disable-pip-version-check --quiet --no-deps llmcompressor==0.14.0.1
+	$(VENV)/bin/python -m pytest tests/test_quantize_reference.py
 
 clean:
 	rm -rf results .snakemake report/default report/test

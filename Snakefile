@@ -1,4 +1,4 @@
-"""Delta-compression benchmark suite: fine-tune -> prune deltas -> evaluate -> report.
+"""Delta-compression benchmark suite: fine-tune -> prune deltas, quantize, merge -> evaluate -> report.
 
 Run the embedded default with `make run`, another experiment with
 `snakemake --cores N --configfile config/<name>.yaml`.
@@ -11,6 +11,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/quantize.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-FAMILIES = ("finetune", "prune", "merge")
+FAMILIES = ("finetune", "prune", "merge", "quantize")
 
 
 class MethodConfigError(ValueError):
@@ -95,6 +95,7 @@ def _load_builtin_methods() -> None:
     import methods.finetune.train  # noqa: F401
     import methods.prune  # noqa: F401
     import methods.merge  # noqa: F401
+    import methods.quantize  # noqa: F401
 
 
 def get(family: str, name: str, where: str | None = None) -> MethodSpec:

@@ -9,6 +9,33 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def tiny_llama(initializer_range: float = 0.02):
+    """A 2-block Llama (hidden 32, vocab 64) with fixed random weights, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         initializer_range=initializer_range)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_batches(vocab: int, rows: int, length: int, count: int, seed: int, padding: tuple[slice, slice]) -> list[dict]:
+    """``count`` batches of random token ids with an attention mask that is 0 at ``padding``
+    (e.g. ``(slice(0, 1), slice(0, 5))``: left padding in the first row)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[padding] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
 def run_snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run this repository's workflow with `workdir` as its working directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

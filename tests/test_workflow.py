@@ -105,3 +105,45 @@ def test_delta_diagnostics_and_recommendation_in_the_report(finished_run):
     assert {r["situation"] for r in recommendation["recommendations"]} == {"post hoc", "fine-tuning under our control"}
     report = (workdir / "report" / "test" / "README.md").read_text()
     assert "## Delta diagnostics" in report and "| tiny-llama | zoo-review |" in report
+
+
+def test_quantized_variants_record_measured_storage(finished_run):
+    workdir, _ = finished_run
+    metrics = pd.read_csv(workdir / "results" / "test" / "metrics.csv")
+    quantized = metrics[metrics["stage"] == "quantize"]
+    # rtn at 2 and 4 bits on both tasks, gptq at 4 bits and the DARE-delta rtn on zoo-sentiment
+    assert set(zip(quantized["variant"], quantized["bits"])) == {("rtn", 2), ("rtn", 4), ("gptq", 4),
+                                                               ("dare-rtn-delta", 4)}
+    for bits, bpp in zip(quantized["bits"], quantized["bpp"]):
+        # codes at b bits plus a float16 scale (and a b-bit zero) per row of 32 or 64 inputs
+        assert bits < bpp < bits + (16 + bits) / 32 + 1e-9
+    assert (quantized["model_bpp"] > quantized["bpp"]).all()  # embeddings and heads stay float32
+    composed = quantized[quantized["variant"] == "dare-rtn-delta"]
+    assert (composed["drop_rate"] == 0.9).all()
+    artifact = (workdir / "results/test/tiny-bert/zoo-sentiment/ft~adamw/seed~0/quant~dare-rtn-delta_bits~4"
+                / "artifact")
+    from methods.quantize.artifact import load_artifact
+
+    records, _, metadata = load_artifact(artifact)
+    assert metadata["params"]["target"] == "delta"
+    # the pruned delta's zeros survive Grid S quantization exactly
+    zero_fraction = sum(int((r.dequantize() == 0).sum()) for r in records.values()) / sum(
+        r.codes.numel() for r in records.values())
+    assert zero_fraction > 0.85
+
+
+def test_report_has_index_tables_and_plots(finished_run):
+    workdir, _ = finished_run
+    report_dir = workdir / "report" / "test"
+    page = (report_dir / "README.md").read_text()
+    for section in ("## Weight quantization", "## Is the difference real?", "## Reported vs reproduced", "## Cost"):
+        assert section in page
+    for plot in ("score_vs_drop_rate", "score_vs_bits", "pareto", "delta_diagnostics"):
+        assert (report_dir / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (report_dir / f"{plot}.pdf").read_bytes()[:5] == b"%PDF-"
+    for table in ("prune", "quantize_tiny-bert", "significance", "cost", "paper_numbers"):
+        assert "\\toprule" in (report_dir / "tables" / f"{table}.tex").read_text()
+        assert "<table" in (report_dir / "tables" / f"{table}.html").read_text()
+    index = (report_dir / "index.md").read_text()
+    assert "[Report: tables and plots](README.md)" in index and "pareto: [PDF](pareto.pdf)" in index
+    assert "experiment: test" in index

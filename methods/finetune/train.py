@@ -8,6 +8,7 @@ The optimizer is a registered ``finetune`` method.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_d
     method = get("finetune", optimizer)
     if "prepare_model" in method.hooks:  # e.g. LoRA: train adapters, then merge them into the weights
         model = method.hooks["prepare_model"](model, spec, optimizer_params)
-    opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params)
+    extra = {}
+    if "total_steps" in inspect.signature(method.fn).parameters:  # e.g. statsq-qat: CGA anneals the last steps
+        extra["total_steps"] = budget.steps
+    opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params, **extra)
     losses = train(model, opt, make_batch, len(train_rows), budget.steps, budget.batch_size,
                    budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})")
     if "finalize_model" in method.hooks:

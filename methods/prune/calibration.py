@@ -45,7 +45,8 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def _forward(model: torch.nn.Module, batch) -> None:
+def forward_batch(model: torch.nn.Module, batch) -> None:
+    """Run ``model`` on a batch given as keyword arguments (dict), positional arguments or one tensor."""
     if isinstance(batch, Mapping):
         model(**batch)
     elif isinstance(batch, (tuple, list)):
@@ -86,7 +87,7 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
         with torch.no_grad():
             n = 0
             for batch in batches:
-                _forward(model, batch)
+                forward_batch(model, batch)
                 n += 1
         if n == 0:
             raise ValueError("no calibration batches")

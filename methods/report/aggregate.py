@@ -11,12 +11,15 @@ import pandas as pd
 from methods.io.checkpoint import read_json
 from methods.tasks import METRIC_RANGES
 
-# stage: finetune (the fine-tuned model itself), prune or merge; method: the registered method;
-# variant: its label in the config; params: the method's parameters as JSON (for merges, the ones
-# chosen on `selected_on`).
+# stage: finetune (the fine-tuned model itself), prune, quantize or merge; method: the registered
+# method; variant: its label in the config; params: the method's parameters as JSON (for merges, the
+# ones chosen on `selected_on`). Quantized variants carry their code width `bits` and the storage
+# measured from the packed artifact: `bpp` per quantized parameter, `model_bpp` per model parameter.
 IDENTITY = ["experiment", "model", "arch", "task", "finetune", "seed", "stage", "method", "variant",
-            "drop_rate", "mask_seed", "params", "selected_on", "split"]
-COLUMNS = IDENTITY + ["metric", "value", "stderr", "is_primary", "checkpoint_sha256"]
+            "drop_rate", "mask_seed", "bits", "bpp", "model_bpp", "params", "selected_on", "split"]
+OPTIONAL = {"bits", "bpp", "model_bpp"}  # absent from records of the other stages
+# samples: the per-example outputs next to the record (paired significance tests read them)
+COLUMNS = IDENTITY + ["metric", "value", "stderr", "is_primary", "checkpoint_sha256", "samples"]
 
 
 class MetricOutOfRange(ValueError):
@@ -29,7 +32,7 @@ def _named_task_primary(metrics: dict) -> str:
 
 
 def _rows(path, record: dict, task: str, metrics: dict, primary: str, checked: bool) -> list[dict]:
-    identity = {k: record[k] for k in IDENTITY}
+    identity = {k: record.get(k) if k in OPTIONAL else record[k] for k in IDENTITY}
     identity["params"] = json.dumps(identity["params"], sort_keys=True)
     identity["task"] = task
     rows = []
@@ -41,7 +44,8 @@ def _rows(path, record: dict, task: str, metrics: dict, primary: str, checked: b
             raise MetricOutOfRange(f"{path}: metric {name} = {value!r} is outside [{low}, {high}] (task {task})")
         rows.append({**identity, "metric": name, "value": float(value),
                      "stderr": metrics.get(f"{name}_stderr", float("nan")),
-                     "is_primary": name == primary, "checkpoint_sha256": record["checkpoint_sha256"]})
+                     "is_primary": name == primary, "checkpoint_sha256": record["checkpoint_sha256"],
+                     "samples": str(Path(path).with_name("samples.jsonl"))})
     return rows
 
 
@@ -55,5 +59,6 @@ def records_to_frame(paths: list[str | Path]) -> pd.DataFrame:
         for task, metrics in record.get("harness_tasks", {}).get("metrics", {}).items():
             rows += _rows(path, record, f"lm-eval:{task}", metrics, _named_task_primary(metrics), checked=False)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    order = ["experiment", "model", "task", "stage", "variant", "finetune", "seed", "drop_rate", "mask_seed", "metric"]
+    order = ["experiment", "model", "task", "stage", "variant", "finetune", "seed", "drop_rate", "mask_seed", "bits",
+             "metric"]
     return frame.sort_values(order, kind="stable", na_position="first").reset_index(drop=True)

@@ -96,7 +96,26 @@ def _check_methods() -> None:
                 raise registry.MethodConfigError(
                     f"{where}: {variant['method']} merges {low}{'' if high == low else '+' if high is None else f'-{high}'} "
                     f"models but {name} has {count} fine-tuned tasks; restrict the variant with 'models:'")
-    for section, variants in (("prune", config["prune"]), ("merge.methods", config["merge"]["methods"])):
+    prunes = {label(v): v for v in config["prune"]}
+    for i, variant in enumerate(config["quantize"]):
+        where = f"quantize[{i}]"
+        spec = registry.get("quantize", variant["method"], where + ".method")
+        if "bits" in variant.get("params", {}):
+            raise registry.MethodConfigError(f"{where}.params.bits: give code widths in {where}.bits")
+        for j, bits in enumerate(variant["bits"]):
+            spec.resolve({**variant.get("params", {}), "bits": bits}, f"{where}.bits[{j}]")
+        after = variant.get("after")
+        if after:
+            if after["prune"] not in prunes:
+                raise registry.MethodConfigError(
+                    f"{where}.after.prune: {after['prune']!r} is not a prune variant label; known: {', '.join(prunes)}")
+            rates = [float(r) for r in prunes[after["prune"]]["drop_rates"]]
+            if float(after["drop_rate"]) not in rates or float(after["drop_rate"]) == 0:
+                raise registry.MethodConfigError(
+                    f"{where}.after.drop_rate: {after['drop_rate']} is not a positive drop rate of prune variant "
+                    f"{after['prune']!r} ({rates})")
+    for section, variants in (("prune", config["prune"]), ("merge.methods", config["merge"]["methods"]),
+                              ("quantize", config["quantize"])):
         labels = [label(v) for v in variants]
         if len(set(labels)) != len(labels):
             raise registry.MethodConfigError(
@@ -168,10 +187,20 @@ def _check_data_sources() -> None:
 def _check_variant_tasks() -> None:
     """Tasks a prune variant names must belong to some model (checked after the models themselves)."""
     all_tasks = {t for m in config["models"].values() for t in m["tasks"]}
-    for i, variant in enumerate(config["prune"]):
-        for j, task in enumerate(variant.get("tasks", [])):
-            if task not in all_tasks:
-                raise registry.MethodConfigError(f"prune[{i}].tasks[{j}]: {task!r} is not a task of any model")
+    for section in ("prune", "quantize"):
+        for i, variant in enumerate(config[section]):
+            for j, task in enumerate(variant.get("tasks", [])):
+                if task not in all_tasks:
+                    raise registry.MethodConfigError(f"{section}[{i}].tasks[{j}]: {task!r} is not a task of any model")
+    prunes = {label(v): v for v in config["prune"]}
+    for i, variant in enumerate(config["quantize"]):
+        if "after" in variant:  # a composition needs the pruned variant on each of its tasks
+            pruned = prunes[variant["after"]["prune"]].get("tasks", sorted(all_tasks))
+            outside = sorted(set(variant.get("tasks", all_tasks)) - set(pruned))
+            if outside:
+                raise registry.MethodConfigError(
+                    f"quantize[{i}].tasks: prune variant {variant['after']['prune']!r} does not prune {outside}; "
+                    f"name a subset of {pruned} here")
 
 
 def label(variant: dict) -> str:
@@ -207,6 +236,10 @@ def prune_variants() -> dict[str, dict]:
     return {label(v): v for v in config["prune"]}
 
 
+def quantize_variants() -> dict[str, dict]:
+    return {label(v): v for v in config["quantize"]}
+
+
 def merge_variants() -> dict[str, dict]:
     return {label(v): v for v in config["merge"]["methods"]}
 
@@ -221,7 +254,7 @@ def identity(wc, stage: str, method: str, variant: str, **extra) -> dict:
     """The columns that identify a metric row in metrics.csv."""
     record = {"experiment": EXP, "model": wc.model, "arch": config["models"][wc.model]["arch"],
               "task": wc.task, "finetune": wc.ft, "seed": int(wc.seed), "stage": stage, "method": method,
-              "variant": variant, "drop_rate": None, "mask_seed": None, "params": {}, "selected_on": ""}
+              "variant": variant, "drop_rate": None, "mask_seed": None, "bits": None, "params": {}, "selected_on": ""}
     record.update(extra)
     return record
 
@@ -229,6 +262,7 @@ def identity(wc, stage: str, method: str, variant: str, **extra) -> dict:
 # -- paths -----------------------------------------------------------------------------------
 FT_DIR = RESULTS + "/{model}/{task}/ft~{ft}/seed~{seed}"
 PRUNE_DIR = FT_DIR + "/prune~{prune}_rate~{rate}_mseed~{mseed}"
+QUANT_DIR = FT_DIR + "/quant~{quant}_bits~{bits}"
 MERGE_DIR = RESULTS + "/{model}/merged/ft~{ft}/seed~{seed}/merge~{merge}_mseed~{mseed}"
 
 wildcard_constraints:
@@ -237,6 +271,8 @@ wildcard_constraints:
     ft="[A-Za-z0-9][A-Za-z0-9.-]*",
     prune="[A-Za-z0-9][A-Za-z0-9.-]*",
     merge="[A-Za-z0-9][A-Za-z0-9.-]*",
+    quant="[A-Za-z0-9][A-Za-z0-9.-]*",
+    bits="[0-9]+",
     seed="[0-9]+",
     mseed="[0-9]+",
     rate="[0-9.]+(e-?[0-9]+)?",
@@ -255,6 +291,28 @@ def base_location(model_name: str) -> str:
     if model["source"] == "package":
         return str(package_checkpoint(model["package"]))
     return {"zoo": f"{RESULTS}/{model_name}/pretrained", "local": model.get("path"), "hub": model.get("id")}[model["source"]]
+
+
+def quantize_source(wc) -> str:
+    """The checkpoint a quantize variant starts from: the fine-tuned model, or the pruned variant
+    it names in 'after' (drawn with that variant's first mask seed)."""
+    after = quantize_variants()[wc.quant].get("after")
+    if not after:
+        return FT_DIR.format(model=wc.model, task=wc.task, ft=wc.ft, seed=wc.seed) + "/checkpoint"
+    mseed = prune_variants()[after["prune"]]["mask_seeds"][0]
+    return PRUNE_DIR.format(model=wc.model, task=wc.task, ft=wc.ft, seed=wc.seed, prune=after["prune"],
+                            rate=fmt_rate(after["drop_rate"]), mseed=mseed) + "/checkpoint"
+
+
+def quantize_identity(wc) -> dict:
+    variant = quantize_variants()[wc.quant]
+    after = variant.get("after")
+    params = {**variant.get("params", {}), "bits": int(wc.bits), "target": variant["target"]}
+    extra = {"bits": int(wc.bits)}
+    if after:
+        params["after"] = f"{after['prune']}@{fmt_rate(after['drop_rate'])}"
+        extra.update(drop_rate=float(after["drop_rate"]), mask_seed=prune_variants()[after["prune"]]["mask_seeds"][0])
+    return identity(wc, "quantize", variant["method"], wc.quant, params=params, **extra)
 
 
 def task_data(task: str, split: str) -> str:
@@ -300,6 +358,12 @@ def evaluation_targets() -> list[str]:
                 for rate, mseed in itertools.product(rates, variant["mask_seeds"]):
                     targets.append(PRUNE_DIR.format(model=name, task=task, ft=ft, seed=seed, prune=prune,
                                                     rate=fmt_rate(rate), mseed=mseed) + "/metrics.json")
+            for quant, variant in quantize_variants().items():
+                if task not in variant.get("tasks", [task]):
+                    continue
+                for bits in variant["bits"]:
+                    targets.append(QUANT_DIR.format(model=name, task=task, ft=ft, seed=seed, quant=quant, bits=bits)
+                                   + "/metrics.json")
     return targets
 
 
@@ -311,4 +375,61 @@ def diagnostics_targets() -> list[str]:
 
 
 def report_targets() -> list[str]:
-    return [f"{REPORT}/README.md", f"{REPORT}/score_vs_drop_rate.png", f"{RESULTS}/metrics.csv"]
+    return [f"{REPORT}/README.md", f"{REPORT}/index.md", f"{RESULTS}/metrics.csv"] + [f"{REPORT}/{plot}.png"
+                                                                                    for plot in report_plots()]
+
+
+def report_plots() -> list[str]:
+    """The report's plots (each as PNG and PDF): quantization plots only when something is quantized."""
+    return ["score_vs_drop_rate", "delta_diagnostics"] + (["score_vs_bits", "pareto"] if config["quantize"] else [])
+
+
+# -- resources, GPUs and the between-workflow cache (README "Profiles") ------------------------------
+def _global_resource(name: str) -> int:
+    value = workflow.global_resources.get(name)
+    return int(getattr(value, "value", value) or 0)
+
+
+# A run offers GPUs with `--resources gpu=N` (workstation: N devices to share; SLURM: at most N GPU
+# jobs at once); then every GPU-capable job asks for one, else none does (CPU-only). The main process
+# decides and its jobs inherit the decision (a SLURM job's own Snakemake sees no --resources).
+if workflow.is_main_process:
+    os.environ["DCBENCH_GPUS_PER_JOB"] = "1" if _global_resource("gpu") > 0 else "0"
+    os.environ["DCBENCH_GPU_POOL"] = str(_global_resource("gpu"))  # read by methods/io/gpu_slots.py
+GPUS_PER_JOB = int(os.environ.get("DCBENCH_GPUS_PER_JOB", "0"))
+
+# What each kind of job asks for on its first attempt: memory (MB), run time (minutes), a GPU or not.
+# Memory and run time grow with the attempt, so `--retries N` resubmits a job that a scheduler killed
+# for memory or time with more of both.
+JOB_RESOURCES = {
+    "light": (1000, 10, False),  # zoo corpus and text, task data, aggregation, report
+    "train": (4000, 120, True),  # pretrain, finetune
+    "prune": (2000, 60, True),  # pruning (data-driven q rules run forward passes), delta diagnostics
+    "merge": (3000, 120, True),  # a merge and its validation grid
+    "evaluate": (2000, 30, True),  # one variant scored on one task
+}
+
+
+def job_resources(kind: str) -> dict:
+    """A rule's `resources:` as functions of the attempt: mem_mb, runtime, cpus_per_task (= the
+    rule's threads) and gpu (0 or 1, see GPUS_PER_JOB)."""
+    mem_mb, runtime, uses_gpu = JOB_RESOURCES[kind]
+    return {
+        "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
+        "runtime": lambda wildcards, attempt: runtime * attempt,
+        "cpus_per_task": lambda wildcards, threads, attempt: threads,
+        "gpu": lambda wildcards, attempt: GPUS_PER_JOB if uses_gpu else 0,
+    }
+
+
+# Between-workflow cache of pre-training and fine-tuning (methods/io/store.py), on with Snakemake's
+# --cache flag given without rule names (the profiles set `cache: []`), in $SNAKEMAKE_OUTPUT_CACHE, else
+# results/.cache. The scripts look entries up themselves, inside the job, so it works on every
+# executor and with directory outputs. (Snakemake's own `cache:` directive, which `--cache <rule>`
+# turns on, computes its key inside a SLURM job without the upstream jobs, fails there on directory
+# inputs, and rules out `benchmark:`.)
+if workflow.is_main_process:
+    os.environ.pop("DCBENCH_CACHE", None)
+    if workflow.workflow_settings.cache is not None:
+        os.environ.setdefault("SNAKEMAKE_OUTPUT_CACHE", str(Path("results/.cache").absolute()))
+        os.environ["DCBENCH_CACHE"] = os.environ["SNAKEMAKE_OUTPUT_CACHE"]

@@ -28,8 +28,10 @@ rule evaluate:
                                                 if "q_rule" in prune_variants()[wc.prune] else {}),
                                              "drop_rate": float(wc.rate)}),
     threads: 1
+    group:
+        "evaluation"
     resources:
-        mem_mb=2000,
+        **job_resources("evaluate"),
     log:
         PRUNE_DIR + "/evaluate.log",
     benchmark:
@@ -52,8 +54,10 @@ rule evaluate_finetuned:
         **EVALUATION_PARAMS,
         identity=lambda wc: identity(wc, "finetune", finetune_variants()[wc.ft]["method"], wc.ft),
     threads: 1
+    group:
+        "evaluation"
     resources:
-        mem_mb=2000,
+        **job_resources("evaluate"),
     log:
         FT_DIR + "/evaluate.log",
     benchmark:
@@ -78,8 +82,10 @@ rule evaluate_merge:
         identity=lambda wc: identity(wc, "merge", merge_variants()[wc.merge]["method"], wc.merge,
                                      mask_seed=int(wc.mseed)),
     threads: 1
+    group:
+        "evaluation"
     resources:
-        mem_mb=2000,
+        **job_resources("evaluate"),
     log:
         MERGE_DIR + "/eval~{task}/evaluate.log",
     benchmark:

@@ -15,7 +15,7 @@ rule finetune:
                            **config["finetune"].get("tasks", {}).get(wc.task, {})},
     threads: 2
     resources:
-        mem_mb=4000,
+        **job_resources("train"),
     log:
         FT_DIR + "/finetune.log",
     benchmark:

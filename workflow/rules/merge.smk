@@ -22,7 +22,7 @@ rule merge:
         max_length=lambda wc: config["models"][wc.model]["max_length"],
     threads: 1
     resources:
-        mem_mb=3000,
+        **job_resources("merge"),
     log:
         MERGE_DIR + "/merge.log",
     benchmark:

@@ -19,7 +19,7 @@ rule prune:
         calibration_examples=lambda wc: prune_variants()[wc.prune].get("calibration_examples", 128),
     threads: 1
     resources:
-        mem_mb=2000,
+        **job_resources("prune"),
     log:
         PRUNE_DIR + "/prune.log",
     benchmark:
@@ -49,7 +49,7 @@ rule delta_diagnostics:
         max_length=lambda wc: config["models"][wc.model]["max_length"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **job_resources("prune"),
     log:
         FT_DIR + "/diagnostics/diagnostics.log",
     conda:

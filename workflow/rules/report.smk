@@ -6,6 +6,8 @@ rule aggregate:
         evaluation_targets(),
     output:
         RESULTS + "/metrics.csv",
+    resources:
+        **job_resources("light"),
     log:
         RESULTS + "/logs/aggregate.log",
     conda:
@@ -14,16 +16,34 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
+def report_outputs() -> dict:
+    """The report page, its tables in LaTeX and HTML, and one PNG + PDF per plot; the PNGs and the
+    page are also registered for `snakemake --report`."""
+    outputs = {
+        "page": report(REPORT + "/README.md", category="Tables", caption="../../report/captions/experiment_report.rst"),
+        "index": REPORT + "/index.md",
+        "tables": directory(REPORT + "/tables"),
+    }
+    plots = report_plots()
+    for plot in plots:
+        outputs[plot] = report(f"{REPORT}/{plot}.png", category="Plots", caption=f"../../report/captions/{plot}.rst")
+        outputs[plot + "_pdf"] = f"{REPORT}/{plot}.pdf"
+    return outputs
+
+
 rule report:
     input:
         metrics=RESULTS + "/metrics.csv",
         diagnostics=diagnostics_targets(),
     output:
-        table=report(REPORT + "/README.md", category="Tables", caption="../../report/captions/experiment_report.rst"),
-        plot=report(REPORT + "/score_vs_drop_rate.png", category="Plots",
-                    caption="../../report/captions/score_vs_drop_rate.rst"),
+        **report_outputs(),
     params:
         experiment=EXP,
+        config=dict(config),
+        results=RESULTS,
+        paper_numbers=str(REPO / "report" / "paper_numbers"),
+    resources:
+        **job_resources("light"),
     log:
         RESULTS + "/logs/report.log",
     conda:

@@ -7,6 +7,8 @@ rule zoo_corpus:
     params:
         seed=config["zoo"]["seed"],
         sentences=config["zoo"]["corpus_sentences"],
+    resources:
+        **job_resources("light"),
     log:
         RESULTS + "/logs/zoo_corpus.log",
     conda:
@@ -22,6 +24,8 @@ rule zoo_heldout_text:
         seed=config["zoo"]["seed"],
         sentences=1000,
         purpose="heldout",
+    resources:
+        **job_resources("light"),
     log:
         RESULTS + "/logs/zoo_heldout_text.log",
     conda:
@@ -36,6 +40,8 @@ rule task_data:
     params:
         zoo=config["zoo"],
         data=config.get("data", {}),
+    resources:
+        **job_resources("light"),
     log:
         RESULTS + "/logs/task_data/{task}.log",
     conda:
@@ -54,7 +60,7 @@ rule pretrain:
         seed=config["zoo"]["seed"],
     threads: 2
     resources:
-        mem_mb=4000,
+        **job_resources("train"),
     log:
         RESULTS + "/logs/pretrain/{model}.log",
     benchmark:

@@ -5,21 +5,33 @@ from pathlib import Path
 from methods.evaluate.harness import run_named_tasks
 from methods.evaluate.perplexity import text_perplexity
 from methods.evaluate.run import evaluate_task, load_task_model
-from methods.io.checkpoint import atomic_file, checkpoint_hash, file_sha256, load_tensors, read_json, write_json
+from methods.io.checkpoint import (align_names, atomic_file, checkpoint_hash, file_sha256, load_state_dict, load_tensors,
+                                   read_json, write_json)
 from methods.io.job import job
 from methods.io.manifest import library_versions
+from methods.quantize.apply import materialize
+from methods.quantize.artifact import artifact_hash, load_artifact
 from methods.tasks import get_task
 
 params, inputs = snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
     spec = get_task(snakemake.wildcards.task)
     # A merge: the task's own fine-tuned checkpoint (its head) with the merged tensors over it.
+    # A quantized variant: its source checkpoint with the decoded artifact over it.
     merged = Path(inputs.merged) if "merged" in inputs.keys() else None
-    overrides = load_tensors(merged / "merged.safetensors") if merged else None
-    model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
-    weights = checkpoint_hash(inputs.checkpoint)
-    if overrides is not None:
+    artifact = Path(inputs.artifact) if "artifact" in inputs.keys() else None
+    overrides, quantization, weights = None, {}, checkpoint_hash(inputs.checkpoint)
+    if merged:
+        overrides = load_tensors(merged / "merged.safetensors")
         weights = hashlib.sha256((weights + file_sha256(merged / "merged.safetensors")).encode()).hexdigest()
+    if artifact:
+        quantized, _, quantization = load_artifact(artifact)
+        base = None
+        if quantization["params"]["target"] == "delta":
+            base = align_names(load_state_dict(params.base), load_state_dict(inputs.checkpoint), str(artifact))
+        overrides = materialize(quantized, base)
+        weights = hashlib.sha256((weights + artifact_hash(artifact)).encode()).hexdigest()
+    model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
     cache = Path(params.harness_cache) / weights if params.harness_cache else None
     metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
                                               params.max_length, cache)
@@ -38,6 +50,8 @@ with job(snakemake.log[0], snakemake.threads) as log:
         for sample in samples:
             f.write(json.dumps(sample, sort_keys=True, default=str) + "\n")
     identity = dict(params.identity)
+    if artifact:  # storage as measured from the packed artifact
+        identity.update(bpp=quantization["bits"]["quantized_bpp"], model_bpp=quantization["bits"]["model_bpp"])
     if merged:  # record the hyper-parameters chosen on the selection split
         selection = read_json(merged / "selection.json")
         chosen = dict(selection["params"])

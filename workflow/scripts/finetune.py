@@ -1,8 +1,8 @@
 from methods import registry
 from methods.finetune.train import Budget, finetune
-from methods.io.checkpoint import atomic_dir
 from methods.io.job import job
 from methods.io.manifest import Manifest
+from methods.io.store import reuse_or_make
 from methods.tasks import get_task
 from methods.data.jsonl import read_jsonl
 
@@ -18,9 +18,17 @@ with job(snakemake.log[0], snakemake.threads) as log:
     manifest = Manifest("finetune", variant["method"], {**optimizer_params, **vars(budget)}, parents,
                         seeds={"finetune": int(wc.seed)})
     rows = read_jsonl(snakemake.input.train)
-    with atomic_dir(snakemake.output[0]) as out:
+
+    def make(out):
         losses = finetune(params.base, spec, rows, out, optimizer=variant["method"],
                           optimizer_params=optimizer_params, budget=budget, seed=int(wc.seed))
         manifest.write(out, task=wc.task, base=str(params.base), first_loss=losses[0],
                        final_loss=sum(losses[-50:]) / len(losses[-50:]))
-    log.info("fine-tuned %s on %s: loss %.3f -> %.3f", wc.model, wc.task, losses[0], losses[-1])
+        log.info("fine-tuned %s on %s: loss %.3f -> %.3f", wc.model, wc.task, losses[0], losses[-1])
+
+    # written atomically; with --cache, reused from an identical earlier fine-tuning (methods/io/store.py):
+    # the key holds the base's and the data's content, not their paths
+    reuse_or_make(snakemake.output[0], "finetune",
+                  {"model": params.model, "task": wc.task, "seed": int(wc.seed), "variant": variant,
+                   "optimizer_params": optimizer_params, "budget": vars(budget)},
+                  {"base": params.base, "train": snakemake.input.train}, make)
