@@ -51,8 +51,26 @@ def metric_function(task: str):
         return (lambda values: values.mean(axis=-1)), True
     if spec.primary == "accuracy":
         return (lambda predictions, labels: (predictions == labels).mean(axis=-1)), True
+    if spec.primary == "mcc":
+        return batched_mcc, True
     compute = regression_metrics if spec.kind == "regression" else classification_metrics
     return (lambda predictions, labels: compute(predictions, labels)[spec.primary]), False
+
+
+def batched_mcc(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Matthews correlation of each row of (resamples, n) predictions against its labels, the
+    multiclass form sklearn's ``matthews_corrcoef`` computes (0 where it is undefined), vectorised
+    so a permutation test costs one pass instead of one sklearn call per resample."""
+    predictions, labels = np.atleast_2d(predictions), np.atleast_2d(labels)
+    n = predictions.shape[-1]
+    correct = (predictions == labels).sum(axis=-1).astype(float)
+    classes = np.union1d(np.unique(predictions), np.unique(labels))
+    predicted = np.stack([(predictions == k).sum(axis=-1) for k in classes], axis=-1).astype(float)
+    actual = np.stack([(labels == k).sum(axis=-1) for k in classes], axis=-1).astype(float)
+    covariance = correct * n - (predicted * actual).sum(axis=-1)
+    scale = np.sqrt((n ** 2 - (predicted ** 2).sum(axis=-1)) * (n ** 2 - (actual ** 2).sum(axis=-1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, covariance / np.where(scale > 0, scale, 1.0), 0.0)
 
 
 def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, n_perm: int = 1000, seed: int = 0) -> pd.DataFrame:
