@@ -87,3 +87,16 @@ class QuantizeContext:
     def require_data(self, method: str) -> None:
         if self.model is None or not self.batches:
             raise ValueError(f"quantize method {method!r} needs the model and calibration batches")
+
+
+def linear_of(model: torch.nn.Module, name: str, method: str) -> torch.nn.Linear:
+    """The ``nn.Linear`` whose weight a target name (``<module>.weight``) denotes; errors name the method."""
+    if not name.endswith(".weight"):
+        raise ValueError(f"{method}: target {name!r} is not a '<module>.weight' name")
+    try:
+        module = model.get_submodule(name[: -len(".weight")])
+    except AttributeError:
+        raise ValueError(f"{method}: target {name!r}: the model has no module {name[:-len('.weight')]!r}") from None
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"{method}: target {name!r} is not the weight of an nn.Linear ({type(module).__name__})")
+    return module

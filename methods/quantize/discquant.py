@@ -61,7 +61,7 @@ import transformers
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from methods.quantize.common import QuantizeContext, QuantizedTensor
+from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, SCHEMES, GridParams, GridSpec, fit, quantize
 from methods.quantize.rtn import check_target
 from methods.registry import Param, register
@@ -126,7 +126,7 @@ class DiscQuantRounding:
         self.device = next(self.model.parameters()).device
         self.targets: dict[str, RoundingTarget] = {}
         for name, target in targets.items():
-            module = _linear(self.model, name)
+            module = linear_of(self.model, name, "discquant")
             if tuple(target.shape) != tuple(module.weight.shape):
                 raise ValueError(f"discquant: target {name!r} has shape {tuple(target.shape)}, the module weight "
                                  f"{tuple(module.weight.shape)}")
@@ -280,18 +280,6 @@ class DiscQuantRounding:
                 implicit_zero=None if spec.implicit_zero is None else float(spec.implicit_zero),
                 width=t.params.width, decode="affine", info=record)
         return out
-
-
-def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
-    if not name.endswith(".weight"):
-        raise ValueError(f"discquant: target {name!r} is not a '<module>.weight' name")
-    try:
-        module = model.get_submodule(name[: -len(".weight")])
-    except AttributeError:
-        raise ValueError(f"discquant: target {name!r}: the model has no module {name[:-len('.weight')]!r}") from None
-    if not isinstance(module, torch.nn.Linear):
-        raise ValueError(f"discquant: target {name!r} is not the weight of an nn.Linear ({type(module).__name__})")
-    return module
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from methods.quantize.common import QuantizeContext, QuantizedTensor
+from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, GridParams, GridSpec, _stored, fit, quantize
 from methods.quantize.rtn import check_target
 from methods.registry import Param, register
@@ -189,18 +189,6 @@ def search_exponent(weights: list[torch.Tensor], spec: GridSpec,
 # Data-driven refinement
 
 
-def _module_of(model: torch.nn.Module, name: str) -> torch.nn.Linear:
-    if not name.endswith(".weight"):
-        raise ValueError(f"nupes: target {name!r} is not a '<module>.weight' name")
-    try:
-        module = model.get_submodule(name[: -len(".weight")])
-    except AttributeError:
-        raise ValueError(f"nupes: target {name!r}: the model has no module {name[:-len('.weight')]!r}") from None
-    if not isinstance(module, torch.nn.Linear):
-        raise ValueError(f"nupes: target {name!r} is not the weight of an nn.Linear ({type(module).__name__})")
-    return module
-
-
 def _on(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
 
@@ -218,7 +206,7 @@ def capture_input_grams(targets: dict[str, torch.Tensor], context: QuantizeConte
     context.require_data("nupes")
     model = context.model
     device = next(model.parameters()).device
-    modules = {name: _module_of(model, name) for name in targets}
+    modules = {name: linear_of(model, name, "nupes") for name in targets}
     for name, module in modules.items():
         if tuple(module.weight.shape) != tuple(targets[name].shape):
             raise ValueError(f"nupes: target {name!r} has shape {tuple(targets[name].shape)}, "
