@@ -47,7 +47,7 @@ def _kill_while_writing(workdir: Path, target_dir: str) -> subprocess.Popen:
 def _finished_outputs(workdir: Path) -> dict[str, float]:
     results = workdir / "results"
     return {str(p): p.stat().st_mtime for p in results.rglob("*")
-            if p.name in ("metrics.json", "model.safetensors", "merged.safetensors") and ".tmp-" not in str(p)}
+            if p.name in ("metrics.json", "model.safetensors", "merged.safetensors", "delta.safetensors") and ".tmp-" not in str(p)}
 
 
 def test_kill_resume_lock_and_identical_results(tmp_path, finished_run):

@@ -147,3 +147,36 @@ def test_report_has_index_tables_and_plots(finished_run):
     index = (report_dir / "index.md").read_text()
     assert "[Report: tables and plots](README.md)" in index and "pareto: [PDF](pareto.pdf)" in index
     assert "experiment: test" in index
+
+
+def test_pruned_and_merged_variants_are_stored_as_deltas(finished_run):
+    """variant_storage: delta (the default): a pruned variant is a delta checkpoint equal bit for bit
+    to the in-memory pruning, at most a quarter of a full copy at p = 0.9; merges too; the report
+    puts every stored variant on one Pareto plot."""
+    import torch
+
+    from methods.io.checkpoint import align_names, load_state_dict
+    from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta, storage_summary
+    from methods.merge.apply import load_merged
+    from methods.prune.apply import exclusion, prune_state_dict
+
+    workdir, _ = finished_run
+    ft_dir = workdir / "results/test/tiny-llama/zoo-review/ft~adamw/seed~0"
+    variant = ft_dir / "prune~dare_rate~0.9_mseed~0" / "checkpoint"
+    assert is_delta_checkpoint(variant) and not (variant / "model.safetensors").exists()
+    finetuned = load_state_dict(ft_dir / "checkpoint")
+    base = align_names(load_state_dict(workdir / "results/test/tiny-llama/pretrained"), finetuned, "test")
+    expected, _ = prune_state_dict(base, finetuned, "dare", {"drop_rate": 0.9, "rescale": True}, 0,
+                                   exclusion({}, "decoder"))
+    rebuilt = materialize_delta(variant, base=base)
+    assert set(rebuilt) == set(expected)
+    assert all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+    assert storage_summary(variant)["size_ratio"] <= 0.25
+    merge = next((workdir / "results/test/tiny-bert").rglob("merge~dare-ties*/checkpoint"))
+    assert is_delta_checkpoint(merge) and load_merged(merge)
+    metrics = pd.read_csv(workdir / "results" / "test" / "metrics.csv")
+    stored = metrics[metrics["stage"].isin(["prune", "merge"])]
+    assert (stored["model_bpp"] > 0).all() and (stored[stored["drop_rate"] == 0.9]["model_bpp"] < 8.1).all()
+    page = (workdir / "report" / "test" / "README.md").read_text()
+    assert "## Storage: every variant and the Pareto front" in page
+    assert "\\toprule" in (workdir / "report" / "test" / "tables" / "storage.tex").read_text()

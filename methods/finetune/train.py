@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from methods.finetune.batching import causal_lm_batch, encode_texts, encoder_batch
 from methods.finetune.loop import param_groups, train
 from methods.io.checkpoint import check_finite
+from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta
 from methods.registry import Param, get, register
 from methods.seeding import seed_everything
 from methods.tasks import TaskSpec
@@ -54,12 +55,19 @@ def decoder_answer(spec: TaskSpec, row: dict) -> str:
 
 
 def load_for_task(checkpoint: str | Path, spec: TaskSpec, **kwargs):
-    """The model class a task needs, in float32."""
+    """The model class a task needs, in float32; a delta checkpoint is rebuilt over its base."""
+    model_class = AutoModelForSequenceClassification if spec.is_encoder else AutoModelForCausalLM
+    task_config = {}
     if spec.is_encoder:
-        problem = "regression" if spec.kind == "regression" else "single_label_classification"
-        return AutoModelForSequenceClassification.from_pretrained(
-            checkpoint, num_labels=spec.num_labels, problem_type=problem, dtype=torch.float32, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kwargs)
+        task_config = {"num_labels": spec.num_labels,
+                       "problem_type": "regression" if spec.kind == "regression" else "single_label_classification"}
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir() and is_delta_checkpoint(checkpoint):
+        # transformers takes a state dict only with a config object and no path, and only through
+        # the concrete class (the Auto classes need a path)
+        config = AutoConfig.from_pretrained(checkpoint, **task_config)
+        return model_class._model_mapping[type(config)].from_pretrained(
+            None, config=config, state_dict=materialize_delta(checkpoint), dtype=torch.float32, **kwargs)
+    return model_class.from_pretrained(checkpoint, dtype=torch.float32, **task_config, **kwargs)
 
 
 def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_dir: Path, *,

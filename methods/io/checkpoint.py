@@ -147,8 +147,13 @@ def checkpoint_dir_of(location: str | Path) -> Path:
 
 
 def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint directory (or hub id)."""
+    """All tensors of a (possibly sharded) safetensors checkpoint directory (or hub id), or of a
+    delta checkpoint (methods/io/delta_artifact.py) rebuilt over its base."""
     checkpoint_dir = checkpoint_dir_of(checkpoint_dir)
+    from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta  # it builds on this module
+
+    if is_delta_checkpoint(checkpoint_dir):
+        return materialize_delta(checkpoint_dir)
     index = checkpoint_dir / WEIGHTS_INDEX
     if index.exists():
         state: dict[str, torch.Tensor] = {}
@@ -164,11 +169,16 @@ def load_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
 def save_like(state: dict[str, torch.Tensor], template_dir: str | Path, out_dir: Path) -> None:
     """Write ``state`` as model weights next to copies of the template's config and tokenizer files."""
     check_finite(state, str(out_dir))
-    template_dir = Path(template_dir)
-    for item in template_dir.iterdir():
-        if item.is_file() and not item.name.startswith("model") and item.name != MANIFEST:
-            shutil.copy2(item, out_dir / item.name)
+    copy_template_files(template_dir, out_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / WEIGHTS, metadata={"format": "pt"})
+
+
+def copy_template_files(template_dir: str | Path, out_dir: str | Path) -> None:
+    """A checkpoint's config, tokenizer and other non-weight files (weights, delta files and the
+    manifest belong to the checkpoint itself)."""
+    for item in Path(template_dir).iterdir():
+        if item.is_file() and not item.name.startswith(("model", "delta")) and item.name != MANIFEST:
+            shutil.copy2(item, Path(out_dir) / item.name)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -180,10 +190,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:
-    """Content hash of a checkpoint's weight files (config and tokenizer excluded)."""
+    """Content hash of a checkpoint's weight files (config and tokenizer excluded); a delta
+    checkpoint's hash covers its base's."""
     checkpoint_dir = Path(checkpoint_dir)
-    files = sorted(p for p in checkpoint_dir.iterdir() if p.name.startswith("model") and p.is_file())
+    files = sorted(p for p in checkpoint_dir.iterdir() if p.name.startswith(("model", "delta")) and p.is_file())
     digest = hashlib.sha256()
+    from methods.io.delta_artifact import base_location, is_delta_checkpoint
+
+    if is_delta_checkpoint(checkpoint_dir):
+        digest.update(checkpoint_hash(checkpoint_dir_of(base_location(checkpoint_dir))).encode())
     for p in files:
         digest.update(p.name.encode() + file_sha256(p).encode())
     return digest.hexdigest()

@@ -64,11 +64,14 @@ masks injected into mergekit — ``dare-ta``/``dare-ties`` with ``semantics: mer
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from methods import registry
+from methods.io.checkpoint import load_tensors
+from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta
 from methods.prune.apply import excluded
 
 VOCAB_TENSORS = re.compile(r"embed_tokens|word_embeddings|wte|lm_head|embed_out")
@@ -76,6 +79,16 @@ VOCAB_RULES = ("base",)
 
 # Keys the method-specific info must not overwrite.
 _RESERVED = {"method", "params", "seed", "models", "merged_tensors", "skipped", "vocab_aligned"}
+
+
+MERGED_WEIGHTS = "merged.safetensors"  # the merged tensors of a full (variant_storage: full) merge
+
+
+def load_merged(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The merged tensors a merge job wrote: a delta checkpoint rebuilt over its base, or the plain file."""
+    if is_delta_checkpoint(directory):
+        return materialize_delta(directory)
+    return load_tensors(Path(directory) / MERGED_WEIGHTS)
 
 
 def _select(base: dict[str, torch.Tensor], models: dict[str, dict[str, torch.Tensor]], names: list[str],

@@ -65,7 +65,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
@@ -180,6 +179,8 @@ def search_exponent(weights: list[torch.Tensor], spec: GridSpec,
         j = int(np.argmin(fine_errors))
         low, high = fine[max(j - 1, 0)], fine[min(j + 1, len(fine) - 1)]
         if high > low:
+            from scipy.optimize import minimize_scalar  # imported here: keeps scipy off every job's start-up
+
             minimize_scalar(objective, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
     best = min(cache, key=lambda a: (cache[a], abs(a - 1.0)))
     return best, {"error": cache[best], "error_at_1": objective(1.0), "evaluations": len(cache)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import scipy.stats
 
@@ -15,7 +16,8 @@ from methods.evaluate.multitask import normalized
 from methods.io.checkpoint import atomic_file
 from methods.report.cost import collect_costs, cost_per_variant
 from methods.report.paper import comparison_table, load_paper_numbers, reported_vs_reproduced
-from methods.report.plots import delta_diagnostics_plot, pareto_plot, score_vs_bits, score_vs_drop_rate
+from methods.report.plots import (delta_diagnostics_plot, pareto_plot, score_vs_bits, score_vs_drop_rate, variant_family,
+                                  variant_label)
 from methods.report.significance import compare
 from methods.report.tables import markdown_grid, to_html, to_latex, to_markdown, wide_table
 from methods.tasks import get_task
@@ -95,6 +97,46 @@ def quantize_table(metrics: pd.DataFrame, scores: pd.DataFrame, model: str):
                       scale=100.0, row_order=order, better="higher")
 
 
+# -- storage across every compression ----------------------------------------------------------
+def stored_variants(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Headline rows of every variant with a measured storage (``model_bpp``: pruned and merged
+    delta checkpoints, quantized artifacts), plus the fine-tuned reference rows of the same tasks."""
+    if "model_bpp" not in metrics.columns:
+        return metrics.iloc[:0]
+    primary = metrics[metrics["is_primary"]]
+    stored = primary[pd.to_numeric(primary["model_bpp"], errors="coerce") > 0]
+    tasks = set(zip(stored["model"], stored["task"]))
+    same_task = np.array([pair in tasks for pair in zip(primary["model"], primary["task"])], dtype=bool)
+    reference = primary[(primary["stage"] == "finetune").to_numpy() & same_task]
+    return pd.concat([stored, reference])
+
+
+def storage_table(rows: pd.DataFrame):
+    """Rows: every stored variant (family, label); columns: model; cells: bits per parameter stored
+    beyond the shared base (mean over runs and tasks; the storage of a variant does not depend on
+    the task it is scored on, except for the task's own head)."""
+    stored = rows[rows["stage"] != "finetune"]
+    long = stored.assign(family=variant_family(stored), label=variant_label(stored), column=stored["model"])
+    cells = long.groupby(["family", "label", "column"], sort=True)["model_bpp"].mean().reset_index()
+    return wide_table(cells, ["family", "label"], "column", value="model_bpp", digits=3, better="lower")
+
+
+def storage_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
+    rows = stored_variants(metrics)
+    if not len(rows) or not (rows["stage"] != "finetune").any():
+        return []
+    pareto_plot(rows, report_dir / "pareto", storage="model_bpp")
+    return ["## Storage: every variant and the Pareto front", "",
+            "Bits per parameter each variant stores beyond the shared base model, measured from the files "
+            "written: a pruned or merged variant is a delta checkpoint (per tensor a bitmask or index list "
+            "plus the changed values, whichever is smaller; `variant_storage: delta`), a quantized variant "
+            "its packed artifact (codes, scales, zero-points and the float tensors it keeps, needing no base). "
+            "The fine-tuned model in float32 stores 32.", "",
+            write_table(storage_table(rows), report_dir, "storage"), "",
+            "Every variant as a point of score against its storage, with the Pareto front (the best score "
+            "reachable within a storage budget):", "", "![Pareto front](pareto.png)", ""]
+
+
 # -- merging ------------------------------------------------------------------------------------
 def merge_table(metrics: pd.DataFrame, model: str) -> str:
     """Rows: the individually fine-tuned models, then each merge variant; columns: every task's
@@ -160,7 +202,7 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
     tests = pd.concat(comparisons, ignore_index=True)
     setting = [f"p = {p:g}" if pd.notna(p) else f"{int(b)}-bit" for p, b in zip(tests["drop_rate"], tests["bits"])]
     tests = tests.assign(setting=setting, comparison=tests["a"] + " vs " + tests["b"])
-    long = tests.melt(id_vars=["model", "task", "setting", "comparison", "seed"],
+    long = tests.melt(id_vars=["model", "task", "finetune", "setting", "comparison", "seed"],
                       value_vars=["score_a", "score_b", "difference", "ci_low", "ci_high", "p_value"],
                       var_name="column", value_name="value")
     names = {"score_a": "A", "score_b": "B", "difference": "A − B", "ci_low": "CI low", "ci_high": "CI high",
@@ -168,7 +210,7 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
     long["column"] = long["column"].map(names)
     scale = {c: (1.0 if c == "p" else 100.0) for c in names.values()}
     digits = {c: (3 if c == "p" else 1) for c in names.values()}
-    table = wide_table(long, ["model", "task", "setting", "comparison", "seed"], "column",
+    table = wide_table(long, ["model", "task", "finetune", "setting", "comparison", "seed"], "column",
                        column_order=list(names.values()), scale=scale, digits=digits)
     significant = int((tests["p_value"] < 0.05).sum())
     return ["## Is the difference real?", "",
@@ -243,9 +285,10 @@ def diagnostics_section(recommendation_files: list[str | Path], report_dir: Path
                      f"{model_row.get('dare_output_std_max', float('nan')):.3g}", *recommended, with_control])
     if not rows:
         return []
-    layers = pd.concat([pd.read_csv(Path(p).parent / "layers.csv").assign(model=r[0], task=r[1])
+    # one series per fine-tuned model: several optimizers (or seeds) can fine-tune the same model on one task
+    layers = pd.concat([pd.read_csv(Path(p).parent / "layers.csv").assign(model=r[0], task=r[1], finetune=r[2])
                         for p, r in zip(recommendation_files, rows)])
-    delta_diagnostics_plot(layers, report_dir / "delta_diagnostics", series=["model", "task"])
+    delta_diagnostics_plot(layers, report_dir / "delta_diagnostics", series=["model", "task", "finetune"])
     header = (["model", "task", "fine-tune", "max abs δ", "mean δ", "std δ", "NOD ‖δ‖", "DON", "DARE out std"]
               + [f"post hoc, p = {r:g}" for r in rates] + [f"controlling fine-tuning, p = {rates[-1]:g}"])
     return ["## Delta diagnostics", "",
@@ -282,6 +325,8 @@ def write_report(metrics: pd.DataFrame, experiment: str, report_dir: Path, diagn
     # Drop rate 0 prunes nothing: every pruning variant starts from the fine-tuned model's score.
     unpruned = [metrics[metrics["stage"] == "finetune"].assign(variant=variant, drop_rate=0.0)
                 for variant in prune["variant"].unique()]
+    if not unpruned:  # nothing pruned (a quantization-only paper config): the fine-tuned models at p = 0
+        unpruned = [metrics[metrics["stage"] == "finetune"].assign(variant="none", drop_rate=0.0)]
     with_unpruned = pd.concat([prune, *unpruned])
     score_vs_drop_rate(with_unpruned[with_unpruned["is_primary"]], report_dir / "score_vs_drop_rate",
                        method=["finetune", "variant"])
@@ -310,10 +355,8 @@ def write_report(metrics: pd.DataFrame, experiment: str, report_dir: Path, diagn
         rows = metrics[metrics["is_primary"] & metrics["stage"].isin(["quantize", "finetune"])]
         rows = rows[[pair in tasks for pair in zip(rows["model"], rows["task"])]]
         score_vs_bits(rows, report_dir / "score_vs_bits")
-        pareto_plot(rows, report_dir / "pareto")
-        lines += ["![score vs bits per parameter](score_vs_bits.png)", "",
-                  "Every quantized variant as a point of score against storage, with the Pareto front (the best "
-                  "score reachable within a storage budget):", "", "![Pareto front](pareto.png)", ""]
+        lines += ["![score vs bits per parameter](score_vs_bits.png)", ""]
+    lines += storage_section(metrics, report_dir)
     merged = metrics[metrics["stage"] == "merge"]
     if len(merged):
         lines += ["## Merging", "",

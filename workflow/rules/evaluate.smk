@@ -14,6 +14,7 @@ EVALUATION_PARAMS = {
 rule evaluate:
     input:
         checkpoint=PRUNE_DIR + "/checkpoint",
+        base=base_checkpoint,  # a delta checkpoint is rebuilt over it
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
         text=perplexity_text,
     output:
@@ -72,6 +73,7 @@ rule evaluate_merge:
     input:
         checkpoint=lambda wc: FT_DIR.format(model=wc.model, task=wc.task, ft=wc.ft, seed=wc.seed) + "/checkpoint",
         merged=MERGE_DIR + "/checkpoint",
+        base=base_checkpoint,
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
         text=perplexity_text,
     output:

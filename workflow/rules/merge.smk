@@ -16,6 +16,7 @@ rule merge:
         tasks=lambda wc: config["models"][wc.model]["tasks"],
         base=lambda wc: base_location(wc.model),
         variant=lambda wc: merge_variants()[wc.merge],
+        storage=config["variant_storage"],
         arch=lambda wc: config["models"][wc.model]["arch"],
         selection_split=config["merge"]["selection_split"],
         batch_size=config["evaluate"]["batch_size"],

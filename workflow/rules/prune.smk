@@ -13,6 +13,7 @@ rule prune:
     params:
         base=lambda wc: base_location(wc.model),
         variant=lambda wc: prune_variants()[wc.prune],
+        storage=config["variant_storage"],
         arch=lambda wc: config["models"][wc.model]["arch"],
         batch_size=config["evaluate"]["batch_size"],
         max_length=lambda wc: config["models"][wc.model]["max_length"],

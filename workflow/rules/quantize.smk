@@ -5,7 +5,8 @@ artifact is the stored variant, and evaluation decodes it over the source checkp
 rule quantize:
     input:
         source=quantize_source,
-        base=lambda wc: base_checkpoint(wc) if quantize_variants()[wc.quant]["target"] == "delta" else [],
+        # a delta target, or a pruned source stored as a delta checkpoint, needs the base
+        base=base_checkpoint,
         calibration=lambda wc: task_data(wc.task, "train"),
     output:
         artifact=directory(QUANT_DIR + "/artifact"),
@@ -31,7 +32,8 @@ rule evaluate_quantized:
     input:
         checkpoint=quantize_source,
         artifact=QUANT_DIR + "/artifact",
-        base=lambda wc: base_checkpoint(wc) if quantize_variants()[wc.quant]["target"] == "delta" else [],
+        # a delta target, or a pruned source stored as a delta checkpoint, needs the base
+        base=base_checkpoint,
         data=lambda wc: task_data(wc.task, config["evaluate"]["split"]),
         text=perplexity_text,
     output:

@@ -5,10 +5,12 @@ from pathlib import Path
 from methods.evaluate.harness import run_named_tasks
 from methods.evaluate.perplexity import text_perplexity
 from methods.evaluate.run import evaluate_task, load_task_model
-from methods.io.checkpoint import (align_names, atomic_file, checkpoint_hash, file_sha256, load_state_dict, load_tensors,
-                                   read_json, write_json)
+from methods.io.checkpoint import (align_names, atomic_file, checkpoint_hash, file_sha256, load_state_dict, read_json,
+                                   write_json)
+from methods.io.delta_artifact import is_delta_checkpoint, storage_summary
 from methods.io.job import job
 from methods.io.manifest import library_versions
+from methods.merge.apply import load_merged
 from methods.quantize.apply import materialize
 from methods.quantize.artifact import artifact_hash, load_artifact
 from methods.tasks import get_task
@@ -22,8 +24,8 @@ with job(snakemake.log[0], snakemake.threads) as log:
     artifact = Path(inputs.artifact) if "artifact" in inputs.keys() else None
     overrides, quantization, weights = None, {}, checkpoint_hash(inputs.checkpoint)
     if merged:
-        overrides = load_tensors(merged / "merged.safetensors")
-        weights = hashlib.sha256((weights + file_sha256(merged / "merged.safetensors")).encode()).hexdigest()
+        overrides = load_merged(merged)
+        weights = hashlib.sha256((weights + checkpoint_hash(merged)).encode()).hexdigest()
     if artifact:
         quantized, _, quantization = load_artifact(artifact)
         base = None
@@ -52,6 +54,8 @@ with job(snakemake.log[0], snakemake.threads) as log:
     identity = dict(params.identity)
     if artifact:  # storage as measured from the packed artifact
         identity.update(bpp=quantization["bits"]["quantized_bpp"], model_bpp=quantization["bits"]["model_bpp"])
+    elif is_delta_checkpoint(stored_delta := merged or Path(inputs.checkpoint)):  # storage beyond the base
+        identity.update(model_bpp=storage_summary(stored_delta)["bits_per_parameter"])
     if merged:  # record the hyper-parameters chosen on the selection split
         selection = read_json(merged / "selection.json")
         chosen = dict(selection["params"])

@@ -2,8 +2,10 @@ from safetensors.torch import save_file
 
 from methods.evaluate.multitask import MultiTaskScorer
 from methods.io.checkpoint import align_names, atomic_dir, check_finite, load_state_dict, write_json
+from methods.io.delta_artifact import save_delta_checkpoint
 from methods.io.job import job
 from methods.io.manifest import Manifest
+from methods.merge.apply import MERGED_WEIGHTS
 from methods.merge.search import search
 from methods.prune.apply import DEFAULT_EXCLUDE
 from methods.tasks import get_task
@@ -29,8 +31,12 @@ with job(snakemake.log[0], snakemake.threads) as log:
                      task_scores=scorer.history)
     check_finite(merged, f"merge {wc.merge} of {wc.model}")
     with atomic_dir(snakemake.output[0]) as out:
-        save_file({k: v.contiguous() for k, v in merged.items()}, out / "merged.safetensors", metadata={"format": "pt"})
+        storage = None
+        if params.storage == "delta":  # the merged tensors as a delta over the base
+            storage = save_delta_checkpoint(merged, base, params.base, out)
+        else:
+            save_file({k: v.contiguous() for k, v in merged.items()}, out / MERGED_WEIGHTS, metadata={"format": "pt"})
         write_json(selection, out / "selection.json")
-        manifest.write(out, selected_params=selection["params"], selected_on=params.selection_split)
+        manifest.write(out, selected_params=selection["params"], selected_on=params.selection_split, storage=storage)
     log.info("%s: chose %s on %s from %d grid points", variant["method"], selection["params"],
              params.selection_split, len(selection["trials"]))

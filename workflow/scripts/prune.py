@@ -2,6 +2,7 @@ from pathlib import Path
 
 from methods import registry
 from methods.io.checkpoint import align_names, atomic_dir, load_state_dict, save_like
+from methods.io.delta_artifact import save_delta_checkpoint
 from methods.io.job import job
 from methods.io.manifest import Manifest
 from methods.prune.apply import exclusion, prune_state_dict
@@ -29,9 +30,15 @@ with job(snakemake.log[0], snakemake.threads) as log:
                         {"base": params.base, "finetuned": inputs.finetuned}, seeds={"mask": int(wc.mseed)})
     state, stats = prune_state_dict(base, finetuned, variant["method"], method_params, int(wc.mseed), exclude, pruner)
     with atomic_dir(snakemake.output[0]) as out:
-        save_like(state, inputs.finetuned, out)
+        storage = None
+        if params.storage == "delta":
+            storage = save_delta_checkpoint(state, base, params.base, out, template_dir=inputs.finetuned)
+            log.info("stored as a delta over the base: %d bytes, %.3f of a full copy, %.3f bits per parameter",
+                     storage["file_bytes"], storage["size_ratio"], storage["bits_per_parameter"])
+        else:
+            save_like(state, inputs.finetuned, out)
         manifest.write(out, mask_generator="cpu float32, seeded per (mask seed, tensor name)", fitted=fitted,
-                       tensors=stats)
+                       tensors=stats, storage=storage)
     pruned = [s for s in stats.values() if s["pruned"]]
     kept = sum(s["kept_fraction"] * s["numel"] for s in pruned) / max(1, sum(s["numel"] for s in pruned))
     log.info("%s rate %s: %d tensors pruned, %d kept as fine-tuned; realised keep rate %.4f",
