@@ -1,0 +1,984 @@
+"""Streaming delta operations: prune and merge checkpoints of any size in bounded memory.
+
+``stream_prune`` is ``methods.prune.apply.prune_state_dict`` followed by ``save_like``, and
+``stream_merge`` is ``methods.merge.apply.merge_state_dicts`` followed by writing the merged
+tensors, but both read the inputs block by block (``read_elements`` per tensor and input) from
+sharded safetensors (``methods.io.streaming.LazyCheckpoint``), compute on chunks of
+``chunk_elements`` and write the output shard by shard, atomically (``ShardedWriter``). Memory is
+a fixed set of reused buffers sized by those two numbers — a few tens of MB — whatever the model
+size. A reader thread reads the next blocks and prepares them (float32 conversion, deltas, DARE's
+random numbers) while the main thread merges the current one; every intermediate lives in a
+reused buffer (``_Buffers``), because fresh tensors per chunk make the allocator return memory to
+the system and fault it in again, which costs more than the arithmetic.
+
+Results are bit-identical to the in-memory implementations (tests/test_streaming.py compares
+them on sharded random checkpoints with chunk sizes that split every tensor): the per-tensor math
+is the in-memory code's, either called on whole tensors or re-expressed with float32 operations
+that give the same bits (in-place, or integer/float arithmetic instead of boolean masks, which
+are several times slower on CPU; each such rewrite says why it is exact):
+
+* ``stream_prune`` with ``dare`` (``inverse-keep`` rescale or DropOnly): chunked. A tensor's mask
+  is ``torch.rand(shape, generator=cpu_generator("dare-mask", seed, name)) >= p``; the CPU
+  generator is sequential, so drawing the flat tensor block after block from one generator gives
+  the same numbers as one draw. Every other prune method (and ``l1-match``, whose rescale is a
+  float32 sum over the whole tensor) calls ``prune_state_dict`` on one whole tensor at a time:
+  memory is then bounded by the largest tensor, not by the model.
+* ``stream_merge``: ``task-arithmetic`` and ``average`` are element-wise, computed chunk by chunk.
+  ``ties`` (``semantics: paper``) is streamed exactly at both granularities. The trim threshold
+  of each task vector — the ``keep_count``-th largest |δ| over the whole model (``granularity:
+  model``) or one tensor (``tensor``) — comes from a window search (``_WindowSearch``): a sample
+  pass over 1/16 of the data brackets it, one full pass counts the |δ| above the window and
+  histograms the float32 bit patterns inside it (non-negative floats order like their bits), and
+  the threshold is read off exactly — or, if it fell outside the window, from the exact two-pass
+  radix selection (``_Selection``). The merge pass then trims, elects, takes the disjoint mean
+  and writes; since the majority sign that breaks γ = 0 is only known at the end of that pass,
+  chunks are merged with majority +1 and the few elements whose value depends on it (Σ τ̂ = 0
+  with non-zero τ̂) are spilled to a temporary file and rewritten in place
+  (``ShardedWriter.patch``) if the majority turns out −1. A tensor that fits one read block
+  (``granularity: tensor``) gets its thresholds in memory. ``ties`` with ``semantics:
+  mergekit``, ``dare-ta`` and ``dare-ties`` (per tensor) run the registered function on one whole
+  tensor at a time; so does every method on tensors of at most one chunk.
+
+Module placement: the drivers span the prune and merge packages (and, later, delta
+quantization); ``methods.prune`` must not import ``methods.merge`` (prune/common.py), so they live
+in this top-level module instead of inside either package.
+
+Outputs: ``stream_prune`` writes every tensor of the fine-tuned model (pruned or kept) plus the
+fine-tuned model's config/tokenizer files, like the prune rule. ``stream_merge`` writes the merged
+tensors in the base's dtypes and, with ``keep_unmerged`` (default), the base's value of every other
+base tensor (names aligned to the models' as ``align_names`` does) plus the base's (or
+``template_dir``'s) config files, so the output is a complete checkpoint; the returned info is
+``merge_state_dicts``' info. Tensors are written in the base's (prune: the fine-tuned model's)
+storage order, so the output's bytes do not depend on the models' shard layout or order.
+
+Differences: statistics of chunked DARE tensors are combined from the chunks (max exact; norms as
+the square root of the float64 sum of squared chunk norms; keep fraction from exact counts), so
+they can differ from ``prune_state_dict``'s in the last digits; the weights do not. Inputs must be
+finite (the rewrites assume it; a NaN would reach the output and be refused by the writer, where
+the in-memory TIES would silently trim it away).
+
+Threads: the functions leave ``torch.set_num_threads`` alone. On a 2-core machine one torch
+thread plus the reader thread is the fast configuration (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from methods import registry
+from methods.io.checkpoint import align_names
+from methods.io.streaming import DEFAULT_SHARD_BYTES, LazyCheckpoint, ShardedWriter, chunk_ranges
+from methods.merge import common as mc
+from methods.merge.apply import _RESERVED, VOCAB_RULES, _select
+from methods.prune.apply import excluded, prune_state_dict
+from methods.prune.common import RESCALE_RULES, check_drop_rate
+from methods.seeding import cpu_generator
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 18    # 1 MiB of float32 per intermediate: the working set stays in cache
+DEFAULT_READ_ELEMENTS = 1 << 18     # elements per read (512 KiB of bf16 per input): buffers stay in cache
+DEFAULT_PREFETCH = 2                # reads ahead of the computation, in the reader thread
+
+# merge methods whose result at an element depends only on that element of the inputs
+ELEMENTWISE_MERGES = ("task-arithmetic", "average")
+# merge methods whose result for a tensor depends only on that tensor (whole-tensor route)
+PER_TENSOR_MERGES = ("dare-ta", "ties", "dare-ties")
+
+_F32 = torch.float32
+_ABS_BITS = 0x7FFFFFFF
+
+
+# --- branch-free float32 selections (CPU ``torch.where`` with a random mask mispredicts branches
+# and runs ~10x slower than integer operations that give the same bits) ----------------------
+
+def _f32_bits(value: float) -> int:
+    """The bit pattern of a float32 value as a signed int32."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _trim_(x: torch.Tensor, threshold: float | None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: ``trim_to_threshold(x, threshold)`` = where(|x| >= threshold, x, +0.0) for finite
+    float32 ``x`` and threshold ≥ 0 (or None = keep all, +inf = keep none). For non-negative
+    floats the order of the bit patterns is the order of the values, so |x| < threshold is the
+    sign of (bits(|x|) − bits(threshold)). ``scratch``: an int32 buffer of x's shape."""
+    if threshold is None:
+        return x
+    bits = x.view(torch.int32)
+    drop = bits.bitwise_and(_ABS_BITS) if scratch is None else torch.bitwise_and(bits, _ABS_BITS, out=scratch)
+    drop.sub_(_f32_bits(threshold)).bitwise_right_shift_(31)          # -1 where |x| < threshold
+    bits.bitwise_and_(drop.bitwise_not_())
+    return x
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor, ws: "_Buffers | None" = None, tag: str = "") -> torch.Tensor:
+    """``values[..., mask]`` for a sparse 1-D ``mask`` over the last axis: finds the non-zero
+    8-byte words of the mask first, so the cost is a scan of n/8 words plus the hits. With ``ws``
+    the intermediates and the result live in its buffers (``tag`` names them): the result is valid
+    until the next call with the same tag."""
+    n = mask.numel()
+    head = n - n % 8
+    if mask.storage_offset() % 8:
+        mask = mask.clone()
+    lead = values.shape[:-1]
+    parts = []
+    if head:
+        words = mask[:head].view(torch.int64)
+        index = torch.nonzero(words).squeeze(1)   # small: the hits' words
+        if index.numel():
+            grouped = values[..., :head].reshape(*lead, head // 8, 8)
+            dim = grouped.dim() - 2
+            block_mask = mask[:head].view(head // 8, 8)
+            if ws is None:
+                blocks, block_mask = grouped.index_select(dim, index), block_mask.index_select(0, index)
+                parts.append(torch.masked_select(blocks, block_mask).view(*lead, -1))
+            else:
+                shape = (*lead, index.numel(), 8)
+                blocks = torch.index_select(grouped, dim, index, out=ws("masked_blocks" + tag, shape, values.dtype))
+                block_mask = torch.index_select(block_mask, 0, index,
+                                                out=ws("masked_mask" + tag, (index.numel(), 8), torch.bool))
+                hits = int(torch.count_nonzero(block_mask))
+                out = ws("masked_out" + tag, (*lead, hits), values.dtype)
+                parts.append(torch.masked_select(blocks, block_mask, out=out.view(-1)).view(*lead, hits))
+    if head < n:
+        parts.append(values[..., head:][..., mask[head:]])
+    if not parts:  # a fresh tensor: a view would keep the whole chunk alive
+        return torch.empty((*lead, 0), dtype=values.dtype)
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _spec(family: str, name: str) -> registry.MethodSpec:
+    """The registered method; importing only its family's package (``registry.get`` imports every
+    family, transformers included, which costs a streaming job seconds and ~70 MB)."""
+    import methods.merge  # noqa: F401  (registers the merge methods)
+    import methods.prune  # noqa: F401  (registers the prune methods)
+
+    return registry._REGISTRY[family].get(name) or registry.get(family, name)
+
+
+def _block_size(chunk_elements: int, read_elements: int | None) -> int:
+    """Elements per read: a multiple of the chunk (fewer, larger reads and thread hand-offs)."""
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be ≥ 1, got {chunk_elements}")
+    wanted = DEFAULT_READ_ELEMENTS if read_elements is None else read_elements
+    return max(1, wanted // chunk_elements) * chunk_elements
+
+
+def _sub_ranges(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) in consecutive ranges of at most ``chunk`` (one empty range if empty)."""
+    return [(a, min(stop, a + chunk)) for a in range(start, stop, chunk)] or [(start, stop)]
+
+
+class _Buffers:
+    """Reusable buffers, by tag: allocated once at the largest size asked for and handed out as
+    views. The per-chunk kernels take every intermediate from here; fresh tensors for each chunk
+    make glibc's allocator return memory to the system and fault it in again, chunk after chunk,
+    which costs more than the arithmetic. A tag must name one live value at a time."""
+
+    def __init__(self):
+        self._store: dict[str, torch.Tensor] = {}
+
+    def __call__(self, tag: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        store = self._store.get(tag)
+        if store is None or store.numel() < nbytes:
+            store = self._store[tag] = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+        return store[:nbytes].view(dtype).view(shape)
+
+    def read(self, checkpoint: LazyCheckpoint, tag: str, name: str, start: int, stop: int) -> torch.Tensor:
+        """``checkpoint.read`` into this set's buffer ``tag``."""
+        size = checkpoint.info(name).itemsize
+        return checkpoint.read(name, start, stop, out=self(tag, (stop - start) * size, torch.uint8))
+
+
+def _prefetch(jobs: Iterable, read: Callable, depth: int) -> Iterator[tuple]:
+    """(job, read(job, buffers)) in order, with up to ``depth`` reads running ahead in one thread.
+    ``buffers`` is one of depth + 2 ``_Buffers`` sets used in turn: a set is reused only after
+    the consumer has moved past the job that was read into it."""
+    jobs = iter(jobs)
+    slots = [_Buffers() for _ in range(max(depth, 0) + 2)]
+    if depth <= 0:
+        for job in jobs:
+            yield job, read(job, slots[0])
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="dcbench-read") as pool:
+        pending: deque = deque()
+        submitted = 0
+
+        def submit() -> None:
+            nonlocal submitted
+            job = next(jobs, None)
+            if job is not None:
+                pending.append((job, pool.submit(read, job, slots[submitted % len(slots)])))
+                submitted += 1
+
+        for _ in range(depth):
+            submit()
+        try:
+            while pending:
+                job, future = pending.popleft()
+                submit()
+                yield job, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _base_names(base: LazyCheckpoint, reference: LazyCheckpoint, where: str) -> dict[str, str]:
+    """Aligned name → base tensor name, as ``align_names(base, reference)`` renames the base."""
+    base_meta = base.meta_state()
+    original = {id(t): name for name, t in base_meta.items()}
+    aligned = align_names(base_meta, reference.meta_state(), where)
+    return {name: original[id(t)] for name, t in aligned.items()}
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+def _prune_reason(name: str, ft: LazyCheckpoint, base: LazyCheckpoint, base_of: dict[str, str],
+                  exclude: list[str]) -> str | None:
+    """Why ``prune_state_dict`` keeps a tensor at its fine-tuned value (same checks, same order)."""
+    if not ft.meta(name).is_floating_point():
+        return "not floating point"
+    if excluded(name, exclude):
+        return "excluded by pattern"
+    if name not in base_of:
+        return "absent from base (new head)"
+    if base.shape(base_of[name]) != ft.shape(name):
+        raise ValueError(f"tensor {name!r}: base shape {tuple(base.shape(base_of[name]))} differs from "
+                         f"fine-tuned shape {tuple(ft.shape(name))}; these models cannot share a delta")
+    return None
+
+
+def _chunked_dare_params(method: str, params: dict, pruner) -> dict | None:
+    """The DARE parameters when the tensor can be pruned chunk by chunk, else None."""
+    if method != "dare" or pruner is not None:
+        return None
+    rescale, rule = params.get("rescale", True), params.get("rescale_rule", "inverse-keep")
+    if rule not in RESCALE_RULES:
+        raise ValueError(f"rescale_rule must be one of {list(RESCALE_RULES)}, got {rule!r}")
+    if rescale and rule == "l1-match":
+        return None  # a float32 sum over the whole tensor
+    return {"drop_rate": params["drop_rate"], "rescale": rescale, "rescale_rule": rule}
+
+
+@dataclass
+class _DareTensor:
+    """State of one tensor pruned by chunks: its mask generator and running statistics."""
+    name: str
+    drop_rate: float
+    rescale: bool
+    rescale_rule: str
+    generator: torch.Generator
+    numel: int = 0
+    max_abs: float = 0.0
+    delta_sq: float = 0.0
+    pruned_sq: float = 0.0
+    nonzero: int = 0
+    kept: int = 0
+
+    def prepare(self, base: torch.Tensor, finetuned: torch.Tensor, buffers: _Buffers) -> tuple:
+        """Reader-thread half of a block (in block order, so the mask stream is drawn in order):
+        float32 weights and the keep mask as int32 −1/0. The main thread does the rest
+        (``chunk``); the serial generator (~2 ns per number) keeps this thread as busy as that one."""
+        n = base.numel()
+        base_weight = buffers("base", n, _F32).copy_(base)
+        ft_weight = buffers("ft", n, _F32).copy_(finetuned)
+        keep = None
+        if self.drop_rate not in (0.0, 1.0):   # dare_delta draws no mask for p = 0 or 1
+            uniform = torch.rand(n, generator=self.generator, dtype=_F32, out=buffers("uniform", n, _F32))
+            # keep_mask: u >= p, as an AND mask: bits(u) − bits(p) is negative exactly where u < p
+            keep = uniform.view(torch.int32).sub_(_f32_bits(self.drop_rate)).bitwise_right_shift_(31).bitwise_not_()
+        return base_weight, ft_weight, keep
+
+    def chunk(self, base_weight: torch.Tensor, ft_weight: torch.Tensor, keep: torch.Tensor | None,
+              dtype: torch.dtype, stats: bool, ws: _Buffers) -> torch.Tensor:
+        """prune_state_dict + methods.prune.dare.dare_delta on a flat range: the same float32
+        operations (into reused buffers, and branch-free where that gives the same bits).
+        Overwrites ``base_weight``."""
+        n = base_weight.numel()
+        delta = torch.sub(ft_weight, base_weight, out=ws("delta", n, _F32))
+        p = self.drop_rate
+        if p == 0.0:
+            pruned = delta                       # dare_delta: δ.clone() (never modified below)
+        elif p == 1.0:
+            pruned = ws("pruned", n, _F32).zero_()
+        else:
+            # rescale_survivors: where(keep, δ/(1−p) or δ, +0.0)
+            pruned = ws("pruned", n, _F32)
+            if self.rescale:
+                torch.div(delta, 1.0 - p, out=pruned)
+            else:
+                pruned.copy_(delta)
+            pruned.view(torch.int32).bitwise_and_(keep)
+        if stats and n:
+            low, high = torch.aminmax(delta)
+            self.numel += n
+            self.max_abs = max(self.max_abs, abs(float(low)), abs(float(high)))
+            self.delta_sq += float(torch.linalg.vector_norm(delta)) ** 2
+            self.nonzero += int(torch.count_nonzero(delta))
+            self.pruned_sq += float(torch.linalg.vector_norm(pruned)) ** 2
+            self.kept += int(torch.count_nonzero(pruned))
+        # torch.where(pruned == delta, ft_weight, base_weight + pruned), computed into base_weight
+        same = torch.eq(pruned, delta, out=ws("same", n, torch.bool))
+        base_weight.add_(pruned)
+        torch.where(same, ft_weight, base_weight, out=base_weight)
+        return ws("out", n, dtype).copy_(base_weight)
+
+    def stats(self) -> dict:
+        return {"pruned": True, "numel": self.numel, "delta_max_abs": self.max_abs,
+                "delta_norm": math.sqrt(self.delta_sq), "pruned_delta_norm": math.sqrt(self.pruned_sq),
+                "kept_fraction": self.kept / self.nonzero if self.nonzero else 0.0}
+
+
+def stream_prune(base: str | Path, finetuned: str | Path, out_dir: str | Path, method: str, params: dict,
+                 mask_seed: int, exclude: Iterable[str] = (), *, pruner: Callable | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 template_dir: str | Path | None = None, stats: bool = True,
+                 prefetch: int = DEFAULT_PREFETCH, read_elements: int | None = None) -> dict[str, dict]:
+    """Prune a fine-tuned checkpoint against its base into ``out_dir``; returns per-tensor stats.
+
+    Same arguments and results as ``prune_state_dict(base, finetuned, method, params, mask_seed,
+    exclude, pruner)`` + ``save_like(state, template_dir or finetuned, out_dir)``; ``params`` must
+    be resolved (``registry.get("prune", method).resolve``). ``stats=False`` skips the statistics
+    of chunked tensors (cheaper; they come back as ``{"pruned": True}``)."""
+    exclude = list(exclude)
+    block = _block_size(chunk_elements, read_elements)
+    with LazyCheckpoint(base) as b, LazyCheckpoint(finetuned) as ft:
+        base_of = _base_names(b, ft, f"prune {finetuned}")
+        dare_params = _chunked_dare_params(method, params, pruner)
+        if dare_params is not None:
+            check_drop_rate(dare_params["drop_rate"], "all tensors")
+        plan: dict[str, tuple[str, str | None]] = {}  # name -> (route, reason)
+        for name in ft.names:
+            reason = _prune_reason(name, ft, b, base_of, exclude)
+            if reason:
+                plan[name] = ("copy", reason)
+            elif dare_params is not None:
+                plan[name] = ("chunked", None)
+            else:
+                plan[name] = ("whole", None)
+        jobs = [(name, start, stop) for name in ft.names
+                for start, stop in (chunk_ranges(ft.numel(name), block) if plan[name][0] != "whole"
+                                    else [(0, ft.numel(name))])]
+
+        states: dict[str, _DareTensor] = {}
+
+        def read(job, buffers: _Buffers):  # runs in the reader thread, one job at a time, in order
+            name, start, stop = job
+            route = plan[name][0]
+            if route == "whole":
+                return b.read(base_of[name]), ft.read(name), None
+            if route == "copy":
+                return None, buffers.read(ft, "ft_raw", name, start, stop), None
+            ft_chunk = buffers.read(ft, "ft_raw", name, start, stop)
+            if start == 0:
+                states[name] = _DareTensor(name, float(dare_params["drop_rate"]), bool(dare_params["rescale"]),
+                                           dare_params["rescale_rule"], cpu_generator("dare-mask", mask_seed, name))
+            base_chunk = buffers.read(b, "base_raw", base_of[name], start, stop)
+            return None, None, states[name].prepare(base_chunk, ft_chunk, buffers)
+
+        out_stats: dict[str, dict] = {}
+        prune_fn = None
+        sink = None
+        ws = _Buffers()
+        with ShardedWriter(out_dir, max_shard_bytes, template_dir=template_dir or ft.path) as writer:
+            for (name, start, stop), (base_chunk, ft_chunk, prepared) in _prefetch(jobs, read, prefetch):
+                route, reason = plan[name]
+                dtype, shape, numel = ft.dtype(name), ft.shape(name), ft.numel(name)
+                if start == 0:
+                    sink = writer.tensor(name, dtype, shape)
+                if route == "copy":
+                    sink.write(ft_chunk)
+                    out_stats[name] = {"pruned": False, "reason": reason}
+                elif route == "whole":
+                    if prune_fn is None:
+                        prune_fn = pruner or _spec("prune", method).fn
+                    out, tensor_stats = prune_state_dict({name: base_chunk.reshape(shape)},
+                                                         {name: ft_chunk.reshape(shape)}, method, params,
+                                                         mask_seed, exclude, pruner=prune_fn)
+                    sink.write(out[name])
+                    out_stats[name] = tensor_stats[name]
+                else:
+                    state = states[name]
+                    for i, j in _sub_ranges(0, stop - start, chunk_elements):
+                        base_w, ft_w, keep = (None if x is None else x[i:j] for x in prepared)
+                        sink.write(state.chunk(base_w, ft_w, keep, dtype, stats, ws))
+                    if stop == numel:
+                        out_stats[name] = state.stats() if stats else {"pruned": True}
+                        del states[name]
+                if stop == numel:
+                    sink.close()
+        return out_stats
+
+
+# --- merging -----------------------------------------------------------------------------------
+
+@dataclass
+class _MergeInputs:
+    base: LazyCheckpoint
+    models: list[LazyCheckpoint]          # sorted by name
+    names: list[str]
+    base_of: dict[str, str]               # aligned key -> base tensor name
+
+    def read(self, key: str, start: int, stop: int, buffers: _Buffers | None, with_models: bool = True):
+        if buffers is None:  # a whole tensor, in fresh tensors
+            return (self.base.read(self.base_of[key], start, stop),
+                    [m.read(key, start, stop) for m in self.models] if with_models else None)
+        base_chunk = buffers.read(self.base, "base", self.base_of[key], start, stop)
+        models = [buffers.read(m, f"model{t}", key, start, stop) for t, m in enumerate(self.models)] \
+            if with_models else None
+        return base_chunk, models
+
+    def read_deltas(self, key: str, start: int, stop: int, buffers: _Buffers, chunk: int, subtract: bool = True):
+        """Reader-thread preparation of a block: θ₀ in float32 and, for each chunk of at most
+        ``chunk`` elements, the contiguous (T, n) float32 stack of θ_t − θ₀ (``stack_deltas``).
+        Returns (θ₀ float32 for the block, [(offset, stop, stack), ...]) with block-relative
+        offsets; the main thread only merges. ``subtract=False`` leaves f32(θ_t) in the stack (the
+        main thread subtracts, when the merge itself is lighter than the reading)."""
+        base_raw, models_raw = self.read(key, start, stop, buffers)
+        n, n_models = stop - start, len(self.models)
+        base32 = buffers("base32", n, _F32).copy_(base_raw)
+        flat = buffers("stacks", n_models * n, _F32)
+        parts = []
+        for a, c in _sub_ranges(0, n, chunk):
+            stack = flat[n_models * a:n_models * c].view(n_models, c - a)
+            for t, model in enumerate(models_raw):
+                stack[t].copy_(model[a:c])       # f32(θ_t)
+                if subtract:
+                    stack[t].sub_(base32[a:c])   # − f32(θ₀)
+            parts.append((a, c, stack))
+        return base32, parts
+
+
+def _f32_dicts(key: str, base_chunk: torch.Tensor, model_chunks: list[torch.Tensor]):
+    return {key: base_chunk.to(_F32)}, [{key: m.to(_F32)} for m in model_chunks]
+
+
+def _task_arithmetic_chunk(base32: torch.Tensor, stack: torch.Tensor, scale: float, dtype: torch.dtype,
+                           ws: _Buffers) -> torch.Tensor:
+    """``apply_delta(base, stack_deltas(base, models).sum(dim=0), scale)`` cast to ``dtype`` (the
+    registered task_arithmetic on one chunk), into reused buffers."""
+    n = base32.numel()
+    merged = torch.sum(stack, dim=0, out=ws("merged", n, _F32))
+    merged.mul_(scale)             # λ·τ
+    merged.add_(base32)            # θ₀ + λ·τ
+    return ws("out", n, dtype).copy_(merged)
+
+
+# exact k-th largest |δ| by radix selection on float32 bit patterns -----------------------------
+
+_HI_BINS, _LO_BINS = 1 << 15, 1 << 16   # |δ| has sign bit 0: the top 16 bits are < 2**15
+
+
+def _abs_bits(stack: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of |stack| as int32: for non-negative floats, ordered like the values."""
+    return stack.abs().view(torch.int32)
+
+
+def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest counted element (1-based) and its rank inside that bin."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
+    bin_ = hist.numel() - 1 - j
+    return bin_, k - (int(from_top[j]) - int(hist[bin_]))
+
+
+@dataclass
+class _Selection:
+    """Exact ``magnitude_threshold`` of T task vectors streamed in chunks (one group of tensors)."""
+    n_models: int
+    density: float
+    numel: int = 0
+    hi: torch.Tensor = None
+    lo: torch.Tensor = None
+    bins: list = field(default_factory=list)
+    ranks: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)
+
+    def counts(self) -> list[int]:
+        return [mc.keep_count(self.numel, self.density)] * self.n_models
+
+    def needs_search(self) -> bool:
+        k = mc.keep_count(self.numel, self.density)
+        return 0 < k < self.numel
+
+    def add_hi(self, stack: torch.Tensor) -> None:
+        if self.hi is None:
+            self.hi = torch.zeros(self.n_models * _HI_BINS, dtype=torch.int64)
+        top = _abs_bits(stack) >> 16
+        top += (torch.arange(self.n_models, dtype=torch.int32) * _HI_BINS).unsqueeze(1)
+        self.hi += torch.bincount(top.reshape(-1), minlength=self.n_models * _HI_BINS)
+
+    def locate(self) -> None:
+        k = mc.keep_count(self.numel, self.density)
+        hist = self.hi.view(self.n_models, _HI_BINS)
+        self.bins, self.ranks = zip(*(_kth_bin(hist[t], k) for t in range(self.n_models)))
+        self.lo = torch.zeros(self.n_models * _LO_BINS, dtype=torch.int64)
+
+    def add_lo(self, stack: torch.Tensor) -> None:
+        bits = _abs_bits(stack)
+        for t in range(self.n_models):
+            low = bits[t][(bits[t] >> 16) == self.bins[t]] & 0xFFFF
+            if low.numel():
+                self.lo[t * _LO_BINS:(t + 1) * _LO_BINS] += torch.bincount(low, minlength=_LO_BINS)
+
+    def finish(self) -> list[float | None]:
+        """The thresholds: None keeps everything, +inf nothing (``magnitude_threshold``'s values)."""
+        k = mc.keep_count(self.numel, self.density)
+        if k >= self.numel:
+            self.thresholds = [None] * self.n_models
+        elif k == 0:
+            self.thresholds = [float("inf")] * self.n_models
+        else:
+            hist = self.lo.view(self.n_models, _LO_BINS)
+            self.thresholds = []
+            for t in range(self.n_models):
+                low, _ = _kth_bin(hist[t], self.ranks[t])
+                bits = torch.tensor([(self.bins[t] << 16) | low], dtype=torch.int32)
+                self.thresholds.append(float(bits.view(_F32)[0]))
+        return self.thresholds
+
+
+def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Tensor, scale: float,
+                    dtype: torch.dtype, ws: _Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``disjoint_mean`` + ``apply_delta`` with resolved signs γ ∈ {−1, +1}, cast to ``dtype``;
+    ``trimmed`` is left as it is. Returns (the merged chunk, the number of agreeing models
+    (float32)).
+
+    With P_t = max(γ·τ̂_t, 0) (= |τ̂_t| where τ̂_t agrees with γ, ±0 elsewhere): the number of
+    agreeing models is Σ_t sign(P_t), and Σ_t [agrees] τ̂_t = γ · Σ_t P_t — the agreeing terms
+    in the same order, and a sum of same-signed terms is the negation of the sum of their
+    magnitudes, bit for bit; the ±0 terms are absorbed by the sum's +0 start (as the +0.0 that
+    the original puts there), and + 0.0 turns the −0 of "nothing agrees, γ = −1" into the
+    original's +0. Float arithmetic instead of boolean masks: several times faster on CPU."""
+    ws = ws or _Buffers()
+    shape, n = trimmed.shape, trimmed.shape[1]
+    product = torch.mul(trimmed, gamma, out=ws("product", shape, _F32)).clamp_min_(0.0)   # P_t
+    count = torch.sum(torch.sign(product, out=ws("agree", shape, _F32)), dim=0, out=ws("count", n, _F32))
+    merged = torch.sum(product, dim=0, out=ws("merged", n, _F32))
+    merged.mul_(gamma).add_(0.0)                                        # Σ agreeing τ̂
+    merged.div_(torch.clamp_min(count, 1.0, out=ws("divisor", n, _F32)))  # / their count (≥ 1)
+    merged.mul_(scale)                                                  # θ₀ + λ·τ_m
+    merged.add_(base32)
+    return ws("out", n, dtype).copy_(merged), count
+
+
+def _ties_elect(trimmed: torch.Tensor, thresholds: list, ws: _Buffers, tag: str = "") -> tuple:
+    """First half of paper TIES on one chunk: ``trim_to_threshold`` of each model's deltas (in
+    place), ``elect_sign`` and ``resolve_zero_signs`` with majority +1. Returns (γ resolved, 1.0
+    where Σ τ̂ = 0 else 0.0, Σγ before resolving). Runs in the reader thread when the thresholds are
+    known before the pass (granularity "model"); ``tag`` keeps the results of the chunks of one
+    block apart."""
+    n = trimmed.shape[1]
+    scratch = ws("scratch", n, torch.int32)
+    for t, threshold in enumerate(thresholds):          # trim_to_threshold
+        _trim_(trimmed[t], threshold, scratch)
+    total = torch.sum(trimmed, dim=0, out=ws("total", n, _F32))
+    gamma = torch.sign(total, out=ws("gamma" + tag, n, _F32))          # elect_sign
+    # Σγ: a float32 sum of ±1/0 is exact below 2**24 terms
+    gamma_sum = int(gamma.sum()) if n < 1 << 24 else int(gamma.sum(dtype=torch.float64))
+    tied = torch.abs(gamma, out=ws("tied" + tag, n, _F32)).neg_().add_(1.0)  # 1 where Σ τ̂ = 0
+    gamma.add_(tied)                                                    # resolve_zero_signs, majority +1
+    return gamma, tied, gamma_sum
+
+
+def _ties_chunk(base32: torch.Tensor, trimmed: torch.Tensor, elected: tuple, scale: float,
+                dtype: torch.dtype, ws: _Buffers) -> tuple[torch.Tensor, int, tuple | None]:
+    """Paper TIES on one chunk (``ties_paper``'s trim, ``elect_sign``, ``resolve_zero_signs``,
+    ``disjoint_mean`` and ``apply_delta`` with float32 operations that give the same bits, into
+    reused buffers, branch-free; the deltas are finite), given ``_ties_elect``'s result.
+
+    The majority sign (needed where Σ_t τ̂_t = 0) is only known once every chunk of the group has
+    been seen, so the chunk is merged with majority +1 and returned with Σγ (this chunk's part of
+    the majority vote) and, for the positions where the majority matters (Σ τ̂ = 0 but some τ̂ ≠
+    0, i.e. some τ̂ > 0 and some < 0), their indices and their values under majority −1."""
+    gamma, tied, gamma_sum = elected
+    out, count = _disjoint_merge(trimmed, gamma, base32, scale, dtype, ws)
+    # majority +1 counted the τ̂ > 0 of a tied position: the majority matters where there are any
+    matters = tied.mul_(count)
+    alternative = None
+    if float(matters.max()) > 0:
+        index = torch.nonzero(matters).squeeze(1)
+        alternative = (index, _disjoint_merge(trimmed[:, index], torch.full((index.numel(),), -1.0), base32[index],
+                                              scale, dtype)[0])
+    return out, gamma_sum, alternative
+
+
+def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], out_dir: str | Path,
+                 params: dict | None = None, *, seed: int = 0, exclude: Iterable[str] = (),
+                 vocab_rule: str = "base", keep_unmerged: bool = True,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 template_dir: str | Path | None = None, prefetch: int = DEFAULT_PREFETCH,
+                 read_elements: int | None = None) -> dict:
+    """Merge ``models`` (name → checkpoint) on ``base`` with a merge method into ``out_dir``.
+
+    Same semantics as ``merge_state_dicts(method, base, models, params, seed=, exclude=,
+    vocab_rule=)`` (the base aligned to the first model's names, as the merge rule does); missing
+    ``params`` take the method's defaults. Returns merge_state_dicts' info dict."""
+    if vocab_rule not in VOCAB_RULES:
+        raise ValueError(f"unknown vocab_rule {vocab_rule!r}; known: {list(VOCAB_RULES)}")
+    if not models:
+        raise ValueError("merging needs at least one model")
+    spec = _spec("merge", method)
+    params = spec.resolve(params, f"merge {method} params")
+    ties_stream = method == "ties" and params.get("semantics") == "paper"
+    if method not in ELEMENTWISE_MERGES and method not in PER_TENSOR_MERGES:
+        raise NotImplementedError(f"merge method {method!r} is not streamable; streamable: "
+                                  f"{list(ELEMENTWISE_MERGES + PER_TENSOR_MERGES)} (use merge_state_dicts)")
+    if method == "dare-ties" and params["semantics"] == "paper" and params["granularity"] == "model":
+        raise NotImplementedError("dare-ties with semantics 'paper' and granularity 'model' is not streamable yet "
+                                  "(use granularity 'tensor' or merge_state_dicts)")
+    exclude = list(exclude)
+    block = _block_size(chunk_elements, read_elements)
+    names = sorted(models)
+    lazy = {n: LazyCheckpoint(p) for n, p in models.items()}
+    base_ckpt = LazyCheckpoint(base)
+    try:
+        first = next(iter(models))
+        base_of = _base_names(base_ckpt, lazy[first], f"merge {first}")
+        base_meta = {k: base_ckpt.meta(v) for k, v in base_of.items()}
+        keys, skipped, vocab = _select(base_meta, {n: lazy[n].meta_state() for n in names}, names, exclude, vocab_rule)
+        inputs = _MergeInputs(base_ckpt, [lazy[n] for n in names], names, base_of)
+        extra: dict = {}
+        merged = set(keys)
+        numel = {k: base_meta[k].numel() for k in base_of}
+        dtype = {k: base_meta[k].dtype for k in base_of}
+        shape = {k: base_meta[k].shape for k in base_of}
+        order = [k for k in base_of if k in merged or keep_unmerged]
+        ties_model = ties_stream and params["granularity"] == "model"
+
+        def route(key: str) -> str:
+            if key not in merged:
+                return "copy"
+            if ties_stream:
+                return "ties"
+            if numel[key] <= chunk_elements:
+                return "whole"
+            if method == "task-arithmetic":
+                return "deltas"      # chunks of (θ₀, stacked deltas) prepared by the reader thread
+            if method in ELEMENTWISE_MERGES:
+                return "chunked"     # chunks of raw weights
+            return "whole"
+
+        routes = {k: route(k) for k in order}
+
+        def ranges(key: str):  # the reads: whole tensors or blocks of chunks
+            return chunk_ranges(numel[key], block) if routes[key] != "whole" else [(0, numel[key])]
+
+        def read(job, buffers: _Buffers):
+            key, start, stop = job
+            if routes[key] == "ties" and ties_model and key in ready:
+                # thresholds known before this pass: the reader trims and elects too
+                base32, parts = inputs.read_deltas(key, start, stop, buffers, chunk_elements)
+                return base32, [(a, c, stack, _ties_elect(stack, thresholds[None], buffers, str(a)))
+                                for a, c, stack in parts]
+            if routes[key] in ("deltas", "ties"):
+                return inputs.read_deltas(key, start, stop, buffers, chunk_elements, subtract=routes[key] == "ties")
+            return inputs.read(key, start, stop, None if routes[key] == "whole" else buffers,
+                               with_models=routes[key] != "copy")
+
+        n_models = len(names)
+        thresholds: dict = {}
+        gamma_sums: dict = {}
+        ties_routes: dict = {}
+        granularity = params.get("granularity")
+        ready: set = set()   # keys whose merge-pass blocks the reader may trim (thresholds known)
+        if ties_model:  # thresholds over the whole model, before anything is written
+            ties_routes.update(_ties_thresholds([k for k in order if routes[k] == "ties"], ranges, read, numel,
+                                                n_models, params["density"], "model", thresholds, prefetch,
+                                                chunk_elements))
+            ready.update(order)
+
+        with contextlib.ExitStack() as stack, \
+                ShardedWriter(out_dir, max_shard_bytes, template_dir=template_dir or base_ckpt.path) as writer:
+            patches = stack.enter_context(contextlib.closing(_Patches(Path(out_dir).resolve().parent))) \
+                if ties_stream else None
+            key_ids = {key: i for i, key in enumerate(order)}
+            sink = None
+            ws = _Buffers()
+            jobs = [(key, a, b) for key in order for a, b in ranges(key)]
+            for (key, start, stop), (base_chunk, model_chunks) in _prefetch(jobs, read, prefetch):
+                r = routes[key]
+                if start == 0:
+                    if r == "ties" and granularity == "tensor" and stop == numel[key]:  # one read: in memory
+                        thresholds[key] = _thresholds_in_memory([part[2] for part in model_chunks],
+                                                                params["density"])
+                    elif r == "ties" and granularity == "tensor":  # this tensor's thresholds
+                        ties_routes.update(_ties_thresholds([key], ranges, read, numel, n_models, params["density"],
+                                                            "tensor", thresholds, prefetch, chunk_elements))
+                    sink = writer.tensor(key, dtype[key], shape[key])
+                if r == "copy":
+                    out = base_chunk
+                elif r == "whole":
+                    base32, models32 = _f32_dicts(key, base_chunk.reshape(shape[key]),
+                                                  [m.reshape(shape[key]) for m in model_chunks])
+                    out = spec.fn(base32, models32, names=names, seed=seed, score_fn=None, info=extra,
+                                  **params)[key].to(dtype[key])
+                if r in ("copy", "whole"):
+                    sink.write(out)
+                for a, c in (_sub_ranges(0, stop - start, chunk_elements) if r == "chunked" else []):
+                    base32, models32 = _f32_dicts(key, base_chunk[a:c], [m[a:c] for m in model_chunks])
+                    sink.write(spec.fn(base32, models32, names=names, seed=seed, score_fn=None, info=extra,
+                                       **params)[key].to(dtype[key]))
+                for a, c, stack, *elected in (model_chunks if r in ("deltas", "ties") else []):
+                    base32 = base_chunk[a:c]          # θ₀ (float32) and the (T, n) deltas of one chunk
+                    if r == "deltas":
+                        stack.sub_(base32)            # θ_t − θ₀ (the reader left f32(θ_t))
+                        out = _task_arithmetic_chunk(base32, stack, params["scale"], dtype[key], ws)
+                    else:
+                        group = key if granularity == "tensor" else None
+                        elected = elected[0] if elected else _ties_elect(stack, thresholds[group], ws)
+                        out, gamma_sum, tied = _ties_chunk(base32, stack, elected, params["scale"], dtype[key], ws)
+                        gamma_sums[group] = gamma_sums.get(group, 0) + gamma_sum
+                        if tied is not None:
+                            patches.add(key_ids[key], tied[0] + start + a, tied[1])
+                    sink.write(out)
+                if stop == numel[key]:
+                    sink.close()
+            if patches is not None and patches.count:
+                # groups whose majority sign turned out −1 (mc.majority_sign; 0 → +1): rewrite the
+                # elements whose value depends on it
+                negative = {g for g, total in gamma_sums.items() if mc.majority_sign(total) < 0}
+                for key_id, index, values in patches.records([dtype[k] for k in order]):
+                    key = order[key_id]
+                    if (key if granularity == "tensor" else None) in negative:
+                        writer.patch(key, index, values)
+        clash = _RESERVED & set(extra)
+        if clash:
+            raise RuntimeError(f"merge method {method!r} recorded reserved info keys {sorted(clash)}")
+        return {"method": method, "params": dict(params), "seed": seed, "models": names,
+                "merged_tensors": len(keys), "skipped": skipped, "vocab_aligned": vocab, **extra}
+    finally:
+        base_ckpt.close()
+        for checkpoint in lazy.values():
+            checkpoint.close()
+
+
+@dataclass
+class _WindowSearch:
+    """The exact trim thresholds of paper TIES for one group of tensors in one full pass.
+
+    A sample pass (the first 1/``SAMPLE_STRIDE`` of every read block, at most ``CAP`` values per
+    model) estimates each model's threshold and brackets it by a window
+    [lo, hi] of sample quantiles, at most ``WIDTH`` float32 bit patterns wide. The full pass counts
+    the |δ| above hi and histograms the bit patterns of the |δ| inside the window (one bin per
+    representable float32 value, so ties are counted, not stored). The threshold is then the
+    (k − #above)-th largest value inside the window — exact, provided it falls inside, which is
+    checked. Memory is bounded by the buffers' fixed sizes whatever the model size; when a window
+    misses, ``resolve`` returns None and the caller falls back to the histogram passes
+    (``_Selection``), which are exact for any input."""
+    n_models: int
+    density: float
+    numel: int = 0
+    sample: torch.Tensor | None = None      # (T, CAP + chunks) float32 |δ| sample
+    sampled: int = 0
+    lo_bits: torch.Tensor | None = None     # (T, 1) int32 bit patterns of the window bounds
+    hi_bits: torch.Tensor | None = None
+    above: torch.Tensor | None = None       # (T,) int64: |δ| > hi
+    hist: torch.Tensor | None = None        # (T, WIDTH) int64: |δ| with bits lo + i
+
+    SAMPLE_STRIDE = 16    # the sample pass reads 1/16 of the data
+    CAP = 1 << 18         # sampled values per model (rank error ~0.1%: the window is far wider)
+    WIDTH = 1 << 20       # bit patterns per window (a relative width of ~12% at the top of a binade)
+
+    @property
+    def k(self) -> int:
+        return mc.keep_count(self.numel, self.density)
+
+    def known(self) -> list | None:
+        """Thresholds that need no search (keep all: None; keep nothing: +inf), else None."""
+        if self.k >= self.numel:
+            return [None] * self.n_models
+        if self.k == 0:
+            return [float("inf")] * self.n_models
+        return None
+
+    @classmethod
+    def sample_stride(cls, sampled: int) -> int:
+        """Element stride inside the sampled chunks so that at most ``CAP`` values are kept (odd,
+        so that it does not keep hitting the same columns of a matrix)."""
+        stride = max(1, math.ceil(sampled / cls.CAP))
+        return stride if stride == 1 or stride % 2 else stride + 1
+
+    def add_sample(self, stack: torch.Tensor, stride: int, chunks: int) -> None:
+        # one buffer at its full size: small tensors kept per chunk would be interleaved on the heap
+        # with the chunks' large temporaries and fragment it (RSS growing with the chunk count)
+        if self.sample is None:
+            self.sample = torch.empty((self.n_models, self.CAP + chunks), dtype=_F32)
+        values = stack[:, ::stride]
+        n = min(values.shape[1], self.sample.shape[1] - self.sampled)   # ≤ ⌈n/stride⌉ per chunk: fits
+        torch.abs(values[:, :n], out=self.sample[:, self.sampled:self.sampled + n])
+        self.sampled += n
+
+    def set_window(self) -> None:
+        n_s = self.sampled
+        width = self.WIDTH
+        lo, hi = [], []
+        for t in range(self.n_models):
+            if n_s == 0:
+                lo.append(0)
+                hi.append(width - 1)
+                continue
+            sample = self.sample[t, :n_s]
+            rank = self.k * n_s / self.numel                        # the k-th largest, in sample ranks
+            margin = 8 * math.sqrt(max(rank * (1 - rank / n_s), 1.0)) + 64
+            top, bottom = math.floor(rank - margin), math.ceil(rank + margin)    # 1-based, from the largest
+            centre = _f32_bits(float(torch.kthvalue(sample, n_s - min(max(round(rank), 1), n_s) + 1).values))
+            high = 0x7F800000 if top < 1 else _f32_bits(float(torch.kthvalue(sample, n_s - top + 1).values))
+            low = 0 if bottom > n_s else _f32_bits(float(torch.kthvalue(sample, n_s - bottom + 1).values))
+            if high - low + 1 > width:        # too wide: the ``width`` patterns around the estimate
+                low = max(low, min(centre - width // 2, high - width + 1))
+                high = low + width - 1
+            lo.append(low)
+            hi.append(high)
+        self.sample = None
+        self.lo_bits = torch.tensor(lo, dtype=torch.int32).unsqueeze(1)
+        self.hi_bits = torch.tensor(hi, dtype=torch.int32).unsqueeze(1)
+        self.above = torch.zeros(self.n_models, dtype=torch.int64)
+        self.hist = torch.zeros((self.n_models, width), dtype=torch.int64)
+
+    def observe(self, stack: torch.Tensor, ws: _Buffers) -> None:
+        shape = stack.shape
+        bits = torch.bitwise_and(stack.view(torch.int32), _ABS_BITS, out=ws("bits", shape, torch.int32))  # |δ|
+        # integer sign tricks (faster than boolean comparisons on CPU): −1 where bits > hi / < lo
+        above = torch.sub(self.hi_bits, bits, out=ws("above", shape, torch.int32)).bitwise_right_shift_(31)
+        self.above -= above.sum(dim=1)
+        outside = torch.sub(bits, self.lo_bits, out=ws("outside", shape, torch.int32)).bitwise_right_shift_(31)
+        inside = ws("inside", shape, torch.bool).copy_(outside.bitwise_or_(above).bitwise_not_())
+        for t in range(self.n_models):
+            offsets = _masked(bits[t], inside[t], ws).sub_(int(self.lo_bits[t]))
+            if offsets.numel():  # count into the window's bins (a bincount would rewrite all of them)
+                index = ws("offsets", offsets.numel(), torch.int64).copy_(offsets)
+                self.hist[t].index_add_(0, index, ws("ones", offsets.numel(), torch.int64).fill_(1))
+
+    def resolve(self) -> list[float] | None:
+        """The thresholds when every one fell inside its window, else None."""
+        thresholds = []
+        for t in range(self.n_models):
+            j = self.k - int(self.above[t])                          # rank inside the window
+            if not 1 <= j <= int(self.hist[t].sum()):
+                return None
+            offset, _ = _kth_bin(self.hist[t], j)
+            bits = torch.tensor([int(self.lo_bits[t]) + offset], dtype=torch.int32)
+            thresholds.append(float(bits.view(_F32)[0]))
+        self.hist = None
+        return thresholds
+
+
+def _thresholds_in_memory(stacks: list[torch.Tensor], density: float) -> list:
+    """``magnitude_threshold`` of each model's deltas, given as (T, n_i) stacks of one tensor's
+    chunks, by the exact bit histograms (two ``bincount`` passes; several times faster than
+    ``torch.kthvalue`` on CPU)."""
+    numel = sum(s.shape[1] for s in stacks)
+    selection = _Selection(stacks[0].shape[0], density, numel=numel)
+    if 0 < mc.keep_count(numel, density) < numel:
+        for stack in stacks:
+            selection.add_hi(stack)
+        selection.locate()
+        for stack in stacks:
+            selection.add_lo(stack)
+    return selection.finish()
+
+
+def _ties_thresholds(keys: list[str], ranges, read, numel: dict[str, int], n_models: int, density: float,
+                     granularity: str, thresholds: dict, prefetch: int, chunk: int) -> dict:
+    """The trim thresholds of paper TIES over ``keys`` into ``thresholds``: one group per tensor
+    (granularity "tensor") or one for all (``None``, "model"). Returns how each group's
+    thresholds were found ("known", "window" or "histogram"), for tests and logs."""
+    group_of = (lambda k: k) if granularity == "tensor" else (lambda k: None)
+    searches: dict = {}
+    for key in keys:
+        search = searches.setdefault(group_of(key), _WindowSearch(n_models, density))
+        search.numel += numel[key]
+    routes = {}
+    searching = {}
+    for group, search in searches.items():
+        known = search.known()
+        if known is None:
+            searching[group] = search
+        else:
+            thresholds[group], routes[group] = known, "known"
+    if not searching:
+        return routes
+    jobs = [(key, a, b) for key in keys if group_of(key) in searching for a, b in ranges(key)]
+
+    ws = _Buffers()
+
+    def stacks(job_list):
+        for (key, _, _), (_, parts) in _prefetch(job_list, read, prefetch):
+            for _, _, stack in parts:
+                yield key, stack
+
+    by_group: dict = {}
+    for job in jobs:
+        by_group.setdefault(group_of(job[0]), []).append(job)
+    sample_jobs, strides, picked_chunks = [], {}, {}
+    for group, group_jobs in by_group.items():
+        # the first 1/16 of every read: spread over the whole group, 1/16 of the data
+        picked = [(key, a, a + max(1, (b - a) // _WindowSearch.SAMPLE_STRIDE)) if b > a else (key, a, b)
+                  for key, a, b in group_jobs]
+        sample_jobs += picked
+        strides[group] = _WindowSearch.sample_stride(sum(b - a for _, a, b in picked))
+        picked_chunks[group] = sum(len(_sub_ranges(a, b, chunk)) for _, a, b in picked)
+    for key, stack in stacks(sample_jobs):                            # sample pass
+        group = group_of(key)
+        searching[group].add_sample(stack, strides[group], picked_chunks[group])
+    for search in searching.values():
+        search.set_window()
+    for key, stack in stacks(jobs):                                   # full pass: window histograms
+        searching[group_of(key)].observe(stack, ws)
+    fallback = {}
+    for group, search in searching.items():
+        found = search.resolve()
+        if found is None:
+            fallback[group] = _Selection(n_models, density, numel=search.numel)
+            routes[group] = "histogram"
+        else:
+            thresholds[group], routes[group] = found, "window"
+    if fallback:                                                      # exact histogram passes
+        fallback_jobs = [job for job in jobs if group_of(job[0]) in fallback]
+        for key, stack in stacks(fallback_jobs):
+            fallback[group_of(key)].add_hi(stack)
+        for selection in fallback.values():
+            selection.locate()
+        for key, stack in stacks(fallback_jobs):
+            fallback[group_of(key)].add_lo(stack)
+        for group, selection in fallback.items():
+            thresholds[group] = selection.finish()
+    return routes
+
+
+class _Patches:
+    """Elements whose merged value depends on the majority sign, spilled to an anonymous file:
+    (tensor, flat index, the value it takes if the majority sign is −1)."""
+
+    def __init__(self, directory: Path):
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.count = 0
+
+    def add(self, key_id: int, index: torch.Tensor, values: torch.Tensor) -> None:
+        self.file.write(struct.pack("<iq", key_id, index.numel()))
+        self.file.write(memoryview(index.numpy()))
+        self.file.write(memoryview(values.contiguous().view(torch.uint8).numpy()))
+        self.count += index.numel()
+
+    def records(self, dtypes: list[torch.dtype]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        self.file.seek(0)
+        while header := self.file.read(12):
+            key_id, n = struct.unpack("<iq", header)
+            index = torch.frombuffer(bytearray(self.file.read(8 * n)), dtype=torch.int64)
+            size = torch.empty((), dtype=dtypes[key_id]).element_size()
+            values = torch.frombuffer(bytearray(self.file.read(size * n)), dtype=torch.uint8).view(dtypes[key_id])
+            yield key_id, index, values
+
+    def close(self) -> None:
+        self.file.close()
