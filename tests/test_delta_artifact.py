@@ -2,6 +2,7 @@
 tensor, the size of a DARE p = 0.9 variant, and loading through the ordinary checkpoint readers."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -94,9 +95,10 @@ def _saved_model(directory, state):
     return directory
 
 
-def test_readers_rebuild_from_the_recorded_base(tmp_path):
+def test_readers_rebuild_from_the_recorded_base(tmp_path, monkeypatch):
     """load_state_dict and checkpoint_hash see through a delta checkpoint; the base is found at its
-    recorded location; names saved by a bare base model (no prefix) are aligned."""
+    recorded location from any working directory and after the tree is moved; names saved by a
+    bare base model (no prefix) are aligned."""
     generator = torch.Generator().manual_seed(4)
     base_state = {"encoder.w": torch.randn(8, 8, generator=generator)}
     base_dir = _saved_model(tmp_path / "base", base_state)
@@ -106,10 +108,18 @@ def test_readers_rebuild_from_the_recorded_base(tmp_path):
     out = tmp_path / "variant"
     out.mkdir()
     aligned = {"bert.encoder.w": base_state["encoder.w"]}
-    save_delta_checkpoint(variant, aligned, str(base_dir), out, template_dir=template)
+    monkeypatch.chdir(tmp_path)  # the workflow passes the base relative to its working directory
+    save_delta_checkpoint(variant, aligned, "base", out, template_dir=template)
     assert is_delta_checkpoint(out) and (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    monkeypatch.chdir("/")
     rebuilt = load_state_dict(out)
     assert set(rebuilt) == set(variant) and all(_bits_equal(rebuilt[k], variant[k]) for k in variant)
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)
+    shutil.rmtree(base_dir)
+    assert all(_bits_equal(load_state_dict(moved / "variant")[k], variant[k]) for k in variant)
+    base_dir = moved / "base"
+    out = moved / "variant"
     assert storage_summary(out)["parameters"] == 64 + 16
     before = checkpoint_hash(out)
     _saved_model(base_dir, {"encoder.w": base_state["encoder.w"] + 1})

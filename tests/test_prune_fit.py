@@ -1,6 +1,7 @@
 """The data-driven step of pruning (methods/prune/fit.py) on a tiny encoder: every q rule gives a
 usable q, the scans never do worse than DARE's q on their own objective, importance gets norms."""
 
+import json
 import math
 
 import pytest
@@ -90,3 +91,16 @@ def test_importance_gets_calibration_norms_for_every_linear(fitter):
 def test_q_rule_on_a_method_without_q_is_refused(fitter):
     with pytest.raises(ValueError, match="q_rule applies to"):
         fitter.fit("magnitude", {"drop_rate": P}, {"rule": "validation"}, P)
+
+
+def test_calibration_seeds_draw_different_samples_and_seed_zero_is_unchanged(tmp_path):
+    from methods.data.splits import subsample
+    from methods.prune.fit import calibration_rows
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"sentence": f"s{i}", "label": i % 2} for i in range(200)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    draws = [calibration_rows(path, 20, seed) for seed in range(3)]
+    assert draws[0] == subsample(rows, 20, "prune-calibration", "train.jsonl")  # the draw before seeds existed
+    assert all(len(d) == 20 for d in draws) and draws[0] != draws[1] != draws[2]
+    assert calibration_rows(path, 20, 1) == draws[1]

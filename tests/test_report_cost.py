@@ -15,7 +15,7 @@ from methods.report.cost import (COLUMNS, CostRecordError, collect_costs, cost_p
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 FT = "tiny-bert/zoo-sentiment/ft~adamw/seed~0"
 PRUNE = FT + "/prune~dare_rate~0.9_mseed~1"
-QUANT = FT + "/quant~rtn_bits~4"
+QUANT = FT + "/quant~rtn_bits~4_cseed~0"
 MERGE = "tiny-bert/merged/ft~adamw/seed~0/merge~ties_mseed~0"
 
 

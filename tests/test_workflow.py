@@ -118,9 +118,12 @@ def test_quantized_variants_record_measured_storage(finished_run):
         # codes at b bits plus a float16 scale (and a b-bit zero) per row of 32 or 64 inputs
         assert bits < bpp < bits + (16 + bits) / 32 + 1e-9
     assert (quantized["model_bpp"] > quantized["bpp"]).all()  # embeddings and heads stay float32
+    # gptq runs on two calibration samples; the data-free rtn has the one default seed
+    assert sorted(quantized[quantized["variant"] == "gptq"]["calibration_seed"]) == [0, 1]
+    assert set(quantized[quantized["variant"] == "rtn"]["calibration_seed"]) == {0}
     composed = quantized[quantized["variant"] == "dare-rtn-delta"]
     assert (composed["drop_rate"] == 0.9).all()
-    artifact = (workdir / "results/test/tiny-bert/zoo-sentiment/ft~adamw/seed~0/quant~dare-rtn-delta_bits~4"
+    artifact = (workdir / "results/test/tiny-bert/zoo-sentiment/ft~adamw/seed~0/quant~dare-rtn-delta_bits~4_cseed~0"
                 / "artifact")
     from methods.quantize.artifact import load_artifact
 

@@ -21,6 +21,7 @@ write full models.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -101,8 +102,8 @@ class DeltaCheckpointWriter:
         save_file({k: v.contiguous() for k, v in self.stored.items()}, out_dir / DELTA_WEIGHTS,
                   metadata={"format": FORMAT})
         summary = self.summary(out_dir / DELTA_WEIGHTS)
-        write_json({"format": FORMAT, "base": self.base_location, "storage": summary, "tensors": self.tensors},
-                   out_dir / DELTA_INDEX)
+        write_json({"format": FORMAT, **_base_reference(self.base_location, out_dir), "storage": summary,
+                    "tensors": self.tensors}, out_dir / DELTA_INDEX)
         return summary
 
     def summary(self, weights_file: Path) -> dict:
@@ -130,8 +131,23 @@ def storage_summary(directory: str | Path) -> dict:
     return read_json(Path(directory) / DELTA_INDEX)["storage"]
 
 
+def _base_reference(location: str, out_dir: Path) -> dict:
+    """How ``delta.json`` names the base: a local directory relative to the delta checkpoint itself
+    (so a results tree can be moved or read from any working directory), a hub id as it is."""
+    path = Path(location)
+    if path.is_dir():
+        # out_dir may be the temporary sibling that is renamed into place: same parent, same relpath
+        return {"base": os.path.relpath(path.resolve(), Path(out_dir).resolve()), "base_is_path": True}
+    return {"base": location, "base_is_path": False}
+
+
 def base_location(directory: str | Path) -> str:
-    return read_json(Path(directory) / DELTA_INDEX)["base"]
+    """The base of a delta checkpoint: a directory path (resolved from the checkpoint's own place)
+    or a hub id."""
+    index = read_json(Path(directory) / DELTA_INDEX)
+    if index.get("base_is_path"):
+        return str((Path(directory) / index["base"]).resolve())
+    return index["base"]
 
 
 def materialize_delta(directory: str | Path, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -146,7 +162,7 @@ def materialize_delta(directory: str | Path, base: dict[str, torch.Tensor] | Non
     needs_base = any(t["storage"] != "dense" for t in tensors.values())
     if needs_base:
         if base is None:
-            base = load_state_dict(checkpoint_dir_of(index["base"]))
+            base = load_state_dict(checkpoint_dir_of(base_location(directory)))
         shapes = {name: torch.empty(0, dtype=getattr(torch, t["dtype"])) for name, t in tensors.items()}
         base = align_names(base, shapes, str(directory))
     state: dict[str, torch.Tensor] = {}
@@ -158,7 +174,8 @@ def materialize_delta(directory: str | Path, base: dict[str, torch.Tensor] | Non
         if name not in base or tuple(base[name].shape) != shape:
             found = tuple(base[name].shape) if name in base else "absent"
             raise ValueError(f"{directory}: tensor {name!r} is stored against a base tensor of shape {shape}, but "
-                             f"the base at {index['base']!r} has {found}; the base changed since this was written")
+                             f"the base at {base_location(directory)!r} has {found}; the base changed since this "
+                             "was written")
         flat = base[name].to(dtype).reshape(-1).clone()
         if form == "bitmask":
             flat[unpack_bits(stored[f"{name}.bitmask"], 1, flat.numel()).bool()] = stored[f"{name}.values"]

@@ -86,10 +86,17 @@ def _encode_batches(tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int
 
 
 def input_batches(tokenizer, spec: TaskSpec, path: Path, limit: int | None, batch_size: int, max_length: int,
-                  hidden_states: bool = False) -> list[dict]:
+                  hidden_states: bool = False, sample_seed: int = 0) -> list[dict]:
     """Batched model inputs of (a seeded subsample of ``limit``) rows of a task split; labels unused."""
-    rows = subsample(read_jsonl(path), limit, "prune-calibration", str(Path(path).name))
+    rows = calibration_rows(path, limit, sample_seed)
     return _encode_batches(tokenizer, spec, rows, batch_size, max_length, hidden_states)
+
+
+def calibration_rows(path: Path, limit: int | None, sample_seed: int = 0) -> list[dict]:
+    """``limit`` rows of a split drawn by ``sample_seed``; seed 0 keeps the draw of the releases
+    before calibration seeds existed, so their published numbers still reproduce."""
+    keys = ("prune-calibration", str(Path(path).name)) + ((sample_seed,) if sample_seed else ())
+    return subsample(read_jsonl(path), limit, *keys)
 
 
 class OutputChange:

@@ -14,10 +14,13 @@ from methods.tasks import METRIC_RANGES
 # stage: finetune (the fine-tuned model itself), prune, quantize or merge; method: the registered
 # method; variant: its label in the config; params: the method's parameters as JSON (for merges, the
 # ones chosen on `selected_on`). Quantized variants carry their code width `bits` and the storage
-# measured from the packed artifact: `bpp` per quantized parameter, `model_bpp` per model parameter.
+# measured from the packed artifact: `bpp` per quantized parameter, `model_bpp` per model parameter
+# (pruned and merged variants: `model_bpp` measured from their delta checkpoints); `calibration_seed`
+# is the quantizer's calibration sample.
 IDENTITY = ["experiment", "model", "arch", "task", "finetune", "seed", "stage", "method", "variant",
-            "drop_rate", "mask_seed", "bits", "bpp", "model_bpp", "params", "selected_on", "split"]
-OPTIONAL = {"bits", "bpp", "model_bpp"}  # absent from records of the other stages
+            "drop_rate", "mask_seed", "calibration_seed", "bits", "bpp", "model_bpp", "params", "selected_on",
+            "split"]
+OPTIONAL = {"calibration_seed", "bits", "bpp", "model_bpp"}  # absent from records of some stages
 # samples: the per-example outputs next to the record (paired significance tests read them)
 COLUMNS = IDENTITY + ["metric", "value", "stderr", "is_primary", "checkpoint_sha256", "samples"]
 

@@ -15,7 +15,7 @@ Two records exist for a job, and neither alone covers every job:
 benchmark's seconds, RSS and CPU time where present (they include everything the job cost), the
 manifest's otherwise; ``peak_gpu_mb`` only ever comes from a manifest. The path wildcards of the
 workflow (``workflow/rules/common.smk``) become columns, so a cost can be joined with the metrics
-table on model, task, finetune, seed, variant, drop_rate, bits and mask_seed (as far as the path
+table on model, task, finetune, seed, variant, drop_rate, bits, mask_seed and calibration_seed (as far as the path
 holds them: a quantized DARE delta's drop rate is in the config, not in its ``quant~…`` path).
 
 ``cost_per_variant`` then answers what a report table needs next to a score: what producing and
@@ -40,7 +40,7 @@ from methods.io.checkpoint import MANIFEST, read_json
 BENCHMARK_COLUMNS = ("s", "max_rss", "cpu_time")
 MISSING_VALUES = ("NA", "-", "")  # Snakemake writes NA when a job ended before its first sample
 
-KEYS = ["model", "task", "finetune", "seed", "variant", "drop_rate", "bits", "mask_seed"]
+KEYS = ["model", "task", "finetune", "seed", "variant", "drop_rate", "bits", "mask_seed", "calibration_seed"]
 COLUMNS = (["path", "stage", "variant_stage", "instance"] + KEYS
            + ["seconds", "max_rss_mb", "cpu_seconds", "peak_gpu_mb", "source", "manifest"])
 
@@ -50,7 +50,7 @@ _PARTS = {
     "seed": re.compile(r"^seed~(?P<seed>[0-9]+)$"),
     "prune": re.compile(rf"^prune~(?P<variant>{_LABEL})_rate~(?P<drop_rate>[0-9.]+(?:e-?[0-9]+)?)"
                         r"_mseed~(?P<mask_seed>[0-9]+)$"),
-    "quantize": re.compile(rf"^quant~(?P<variant>{_LABEL})_bits~(?P<bits>[0-9]+)$"),
+    "quantize": re.compile(rf"^quant~(?P<variant>{_LABEL})_bits~(?P<bits>[0-9]+)_cseed~(?P<calibration_seed>[0-9]+)$"),
     "merge": re.compile(rf"^merge~(?P<variant>{_LABEL})_mseed~(?P<mask_seed>[0-9]+)$"),
     "eval": re.compile(rf"^eval~(?P<task>{_LABEL})$"),
 }
@@ -160,7 +160,7 @@ def parse_job_path(relative: str | Path) -> dict:
                 instance = list(directory[:index])
     if variant_stage == "finetune" and isinstance(info["finetune"], str):
         info["variant"] = info["finetune"]
-    for key in ("seed", "mask_seed", "bits"):
+    for key in ("seed", "mask_seed", "bits", "calibration_seed"):
         if isinstance(info[key], str):
             info[key] = int(info[key])
     if isinstance(info["drop_rate"], str):
@@ -215,7 +215,8 @@ def collect_costs(results_dir: str | Path) -> pd.DataFrame:
                          "source": "manifest", "manifest": relative}
     frame = pd.DataFrame(list(jobs.values()), columns=COLUMNS)
     # the metrics table's types: seed an integer, mask_seed / bits / drop_rate floats (NaN where unset)
-    frame = frame.astype({"seed": "Int64", "mask_seed": float, "bits": float, "drop_rate": float})
+    frame = frame.astype({"seed": "Int64", "mask_seed": float, "bits": float, "drop_rate": float,
+                          "calibration_seed": float})
     return frame.sort_values(["path"], kind="stable").reset_index(drop=True)
 
 

@@ -22,7 +22,7 @@ from methods.report.significance import compare
 from methods.report.tables import markdown_grid, to_html, to_latex, to_markdown, wide_table
 from methods.tasks import get_task
 
-SEED_AXES = ["seed", "mask_seed"]
+SEED_AXES = ["seed", "mask_seed", "calibration_seed"]
 
 
 def half_width(std: float, count: int, level: float = 0.95) -> float:
@@ -201,8 +201,11 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
         return []
     tests = pd.concat(comparisons, ignore_index=True)
     setting = [f"p = {p:g}" if pd.notna(p) else f"{int(b)}-bit" for p, b in zip(tests["drop_rate"], tests["bits"])]
-    tests = tests.assign(setting=setting, comparison=tests["a"] + " vs " + tests["b"])
-    long = tests.melt(id_vars=["model", "task", "finetune", "setting", "comparison", "seed"],
+    calibration = ["–" if pd.isna(c) else str(int(c)) for c in tests["calibration_seed"]]
+    tests = tests.assign(setting=setting, comparison=tests["a"] + " vs " + tests["b"],
+                         **{"calibration seed": calibration})
+    runs = ["model", "task", "finetune", "setting", "comparison", "seed", "calibration seed"]
+    long = tests.melt(id_vars=runs,
                       value_vars=["score_a", "score_b", "difference", "ci_low", "ci_high", "p_value"],
                       var_name="column", value_name="value")
     names = {"score_a": "A", "score_b": "B", "difference": "A − B", "ci_low": "CI low", "ci_high": "CI high",
@@ -210,7 +213,7 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
     long["column"] = long["column"].map(names)
     scale = {c: (1.0 if c == "p" else 100.0) for c in names.values()}
     digits = {c: (3 if c == "p" else 1) for c in names.values()}
-    table = wide_table(long, ["model", "task", "finetune", "setting", "comparison", "seed"], "column",
+    table = wide_table(long, runs, "column",
                        column_order=list(names.values()), scale=scale, digits=digits)
     significant = int((tests["p_value"] < 0.05).sum())
     return ["## Is the difference real?", "",

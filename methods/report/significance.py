@@ -91,7 +91,9 @@ def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, n_perm: int = 1000, seed
         metric, batched = metric_function(a["task"])
         result = paired_permutation_test(per_example(a["samples"], a["task"]), per_example(b["samples"], b["task"]),
                                          metric, n_perm=n_perm, seed=seed, batched=batched)
-        results.append({**{k: a[k] for k in keys}, "a": a["variant"], "b": b["variant"], "metric": a["metric"],
+        # A's calibration sample tells its runs apart (B, the data-free baseline, has one per key)
+        results.append({**{k: a[k] for k in keys}, "calibration_seed": a.get("calibration_seed", np.nan),
+                        "a": a["variant"], "b": b["variant"], "metric": a["metric"],
                         "score_a": result.metric_a, "score_b": result.metric_b, "difference": result.difference,
                         "ci_low": result.ci_low, "ci_high": result.ci_high, "p_value": result.p_value,
                         "n": result.n})

@@ -262,7 +262,7 @@ def identity(wc, stage: str, method: str, variant: str, **extra) -> dict:
 # -- paths -----------------------------------------------------------------------------------
 FT_DIR = RESULTS + "/{model}/{task}/ft~{ft}/seed~{seed}"
 PRUNE_DIR = FT_DIR + "/prune~{prune}_rate~{rate}_mseed~{mseed}"
-QUANT_DIR = FT_DIR + "/quant~{quant}_bits~{bits}"
+QUANT_DIR = FT_DIR + "/quant~{quant}_bits~{bits}_cseed~{cseed}"
 MERGE_DIR = RESULTS + "/{model}/merged/ft~{ft}/seed~{seed}/merge~{merge}_mseed~{mseed}"
 
 wildcard_constraints:
@@ -275,6 +275,7 @@ wildcard_constraints:
     bits="[0-9]+",
     seed="[0-9]+",
     mseed="[0-9]+",
+    cseed="[0-9]+",
     rate="[0-9.]+(e-?[0-9]+)?",
 
 
@@ -308,7 +309,7 @@ def quantize_identity(wc) -> dict:
     variant = quantize_variants()[wc.quant]
     after = variant.get("after")
     params = {**variant.get("params", {}), "bits": int(wc.bits), "target": variant["target"]}
-    extra = {"bits": int(wc.bits)}
+    extra = {"bits": int(wc.bits), "calibration_seed": int(wc.cseed)}
     if after:
         params["after"] = f"{after['prune']}@{fmt_rate(after['drop_rate'])}"
         extra.update(drop_rate=float(after["drop_rate"]), mask_seed=prune_variants()[after["prune"]]["mask_seeds"][0])
@@ -361,9 +362,9 @@ def evaluation_targets() -> list[str]:
             for quant, variant in quantize_variants().items():
                 if task not in variant.get("tasks", [task]):
                     continue
-                for bits in variant["bits"]:
-                    targets.append(QUANT_DIR.format(model=name, task=task, ft=ft, seed=seed, quant=quant, bits=bits)
-                                   + "/metrics.json")
+                for bits, cseed in itertools.product(variant["bits"], variant["calibration_seeds"]):
+                    targets.append(QUANT_DIR.format(model=name, task=task, ft=ft, seed=seed, quant=quant, bits=bits,
+                                                    cseed=cseed) + "/metrics.json")
     return targets
 
 
@@ -381,7 +382,9 @@ def report_targets() -> list[str]:
 
 def report_plots() -> list[str]:
     """The report's plots (each as PNG and PDF): quantization plots only when something is quantized."""
-    return ["score_vs_drop_rate", "delta_diagnostics"] + (["score_vs_bits", "pareto"] if config["quantize"] else [])
+    # the Pareto plot needs measured storage: quantized artifacts or delta checkpoints
+    pareto = ["pareto"] if config["quantize"] or config["variant_storage"] == "delta" else []
+    return ["score_vs_drop_rate", "delta_diagnostics"] + (["score_vs_bits"] if config["quantize"] else []) + pareto
 
 
 # -- resources, GPUs and the between-workflow cache (README "Profiles") ------------------------------

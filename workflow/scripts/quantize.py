@@ -24,9 +24,9 @@ with job(snakemake.log[0], snakemake.threads) as log:
     if variant["target"] == "delta":
         base = align_names(load_state_dict(params.base), model.state_dict(), f"quantize {wc.model}/{wc.task}")
     batches = input_batches(tokenizer, spec, Path(inputs.calibration), variant["calibration_examples"],
-                            params.batch_size, params.max_length)
+                            params.batch_size, params.max_length, sample_seed=int(wc.cseed))
     manifest = Manifest("quantize", method, {**method_params, "target": variant["target"]},
-                        {"source": inputs.source}, seeds={"quantize": 0})
+                        {"source": inputs.source}, seeds={"calibration": int(wc.cseed)})
     quantized = quantize_model(model, method, method_params, target=variant["target"], base=base, batches=batches,
                                exclude=variant.get("exclude"), is_encoder=spec.is_encoder,
                                # the job's GPU slot when it holds one (workstation/SLURM profiles)
