@@ -34,9 +34,11 @@ no counterpart (an ImageNet figure, a Wiki2 token perplexity): the row stays "no
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -319,3 +321,276 @@ def comparison_table(comparison: pd.DataFrame, caption: str = "", digits: int = 
     order = list(dict.fromkeys(tuple(r) for r in long[labels].itertuples(index=False)))
     return wide_table(long, labels, "column", column_order=["reported", "reproduced", "difference"],
                       row_order=order, digits=digits, caption=caption, missing=missing)
+
+
+# -- a paper's own tables (the config's `paper` key, config/paper/*.yaml) ---------------------------
+# A paper config names the tables the paper prints (rows x columns of our runs), so its report shows
+# our numbers in the paper's layout next to the published figures. A cell is the union of the
+# table's `fixed` keys, its row and its column; a list value in a row (column) expands into one row
+# (column) per value, in order. tests/test_paper_configs.py checks that every cell of every paper
+# config has its evaluation job in the dry-run DAG (cell_jobs).
+PAPER_PAGE = "paper.md"
+CELL_KEYS = ("model", "task", "finetune", "prune", "quantize", "merge", "drop_rate", "bits", "metric")
+STAGE_KEYS = ("prune", "quantize", "merge")
+
+
+class PaperLayoutError(ValueError):
+    """A paper table names something the config does not run; the message names the table and cell."""
+
+
+def _label_part(key: str, value) -> str:
+    if key == "drop_rate":
+        return f"p = {float(value):g}"
+    if key == "bits":
+        return f"{int(value)}-bit"
+    return str(value)
+
+
+def expand_entries(entries: list[dict]) -> list[tuple[str, dict]]:
+    """(heading, keys) of every row (or column) of a table: list values expand in key order; the
+    heading is the entry's ``label`` (followed by the expanded values when it expands) or its values."""
+    out = []
+    for entry in entries:
+        keys = [k for k in entry if k != "label"]
+        unknown = [k for k in keys if k not in CELL_KEYS]
+        if unknown:
+            raise PaperLayoutError(f"unknown key(s) {unknown} in a table entry {entry}; known: {list(CELL_KEYS)}")
+        expanding = [k for k in keys if isinstance(entry[k], list)]
+        choices = [entry[k] if isinstance(entry[k], list) else [entry[k]] for k in keys]
+        for values in itertools.product(*choices):
+            cell = dict(zip(keys, values))
+            if "label" in entry:
+                extra = ", ".join(_label_part(k, cell[k]) for k in expanding)
+                heading = f"{entry['label']}, {extra}" if extra else entry["label"]
+            else:
+                heading = ", ".join(_label_part(k, v) for k, v in cell.items() if k != "metric") or "–"
+            out.append((heading, cell))
+    return out
+
+
+def _labels(config: Mapping, section: str) -> dict[str, dict]:
+    variants = config.get("merge", {}).get("methods", []) if section == "merge" else config.get(section, [])
+    return {v.get("label", v["method"]): v for v in variants}
+
+
+def resolve_cell(cell: dict, config: Mapping, where: str) -> dict:
+    """A cell's selector: model, task, finetune, stage (finetune | prune | quantize | merge),
+    variant (the stage's label; the optimizer label for the fine-tuned model), drop_rate, bits,
+    metric (None: the task's headline). Raises ``PaperLayoutError`` (naming ``where``) when the
+    config does not run it."""
+    stages = [k for k in STAGE_KEYS if k in cell]
+    if len(stages) > 1:
+        raise PaperLayoutError(f"{where}: a cell shows one variant, got {stages}")
+    optimizers = [v.get("label", v["method"]) for v in config["finetune"]["optimizers"]]
+    models = list(config["models"])
+    model = cell.get("model", models[0] if len(models) == 1 else None)
+    finetune = cell.get("finetune", optimizers[0] if len(optimizers) == 1 else None)
+    if model not in config["models"]:
+        raise PaperLayoutError(f"{where}: model {model!r} is not a model of this config ({models})")
+    if finetune not in optimizers:
+        raise PaperLayoutError(f"{where}: finetune {finetune!r} is not an optimizer label ({optimizers})")
+    task = cell.get("task")
+    tasks = config["models"][model]["tasks"]
+    if isinstance(task, str) and task.startswith("lm-eval:"):
+        # lm-eval tasks run by name (evaluate.harness_tasks) are scored inside every evaluation job
+        # of a decoder variant: the cell's job is that of one of the model's own tasks
+        if task.split(":", 1)[1] not in config.get("evaluate", {}).get("harness_tasks", []) \
+                or config["models"][model]["arch"] != "decoder":
+            raise PaperLayoutError(f"{where}: {task!r} is not in evaluate.harness_tasks of decoder {model!r}")
+    elif task not in tasks:
+        raise PaperLayoutError(f"{where}: task {task!r} is not a task of model {model!r}")
+    selector = {"model": model, "task": task, "job_task": task, "finetune": finetune, "stage": "finetune",
+                "variant": finetune, "drop_rate": None, "bits": None, "metric": cell.get("metric")}
+    covered = _labels(config, stages[0]).get(cell[stages[0]], {}).get("tasks", tasks) if stages else tasks
+    if task.startswith("lm-eval:"):
+        selector["job_task"] = next((t for t in tasks if t in covered), tasks[0])
+    stage = stages[0] if stages else None
+    if stage == "prune" and float(cell.get("drop_rate", 1.0)) == 0.0:
+        stage = None  # drop rate 0 is the fine-tuned model itself (no pruning job runs for it)
+    if stage is None:
+        if "bits" in cell:
+            raise PaperLayoutError(f"{where}: bits without a quantize variant")
+        return selector
+    label = cell[stage]
+    variants = _labels(config, stage)
+    if label not in variants:
+        raise PaperLayoutError(f"{where}: {stage} variant {label!r} is not in the config ({sorted(variants)})")
+    variant = variants[label]
+    selector.update(stage=stage, variant=label)
+    if stage == "prune":
+        if "drop_rate" not in cell:
+            raise PaperLayoutError(f"{where}: a prune cell needs drop_rate")
+        rate = float(cell["drop_rate"])
+        if rate not in [float(r) for r in variant["drop_rates"]]:
+            raise PaperLayoutError(f"{where}: drop rate {rate:g} is not one of {label}'s {variant['drop_rates']}")
+        if selector["job_task"] not in variant.get("tasks", [selector["job_task"]]):
+            raise PaperLayoutError(f"{where}: prune variant {label!r} does not prune {task}")
+        selector["drop_rate"] = rate
+    elif stage == "quantize":
+        if "bits" not in cell or int(cell["bits"]) not in [int(b) for b in variant["bits"]]:
+            raise PaperLayoutError(f"{where}: a quantize cell needs bits among {label}'s {variant['bits']}")
+        if selector["job_task"] not in variant.get("tasks", [selector["job_task"]]):
+            raise PaperLayoutError(f"{where}: quantize variant {label!r} does not quantize {task}")
+        selector["bits"] = int(cell["bits"])
+        if "after" in variant:
+            selector["drop_rate"] = float(variant["after"]["drop_rate"])
+    else:
+        merged = variant.get("models") or [n for n, m in config["models"].items() if len(m["tasks"]) >= 2]
+        if model not in merged:
+            raise PaperLayoutError(f"{where}: merge variant {label!r} does not merge model {model!r}")
+    return selector
+
+
+def layout_cells(table: Mapping, config: Mapping) -> tuple[list[str], list[str], list[list[dict]]]:
+    """(row headings, column headings, selectors[row][column]) of one paper table."""
+    rows = expand_entries(table["rows"])
+    columns = expand_entries(table["columns"])
+    fixed = {k: v for k, v in (table.get("fixed") or {}).items() if k != "label"}
+    if any(isinstance(v, list) for v in fixed.values()):
+        raise PaperLayoutError(f"table {table['name']}: fixed keys take one value each")
+    grid = []
+    for row_heading, row in rows:
+        line = []
+        for column_heading, column in columns:
+            overlap = (set(row) & set(column)) | (set(fixed) & (set(row) | set(column)))
+            if overlap:
+                raise PaperLayoutError(f"table {table['name']}: {sorted(overlap)} set twice in cell "
+                                       f"[{row_heading}] x [{column_heading}]")
+            where = f"paper table {table['name']!r}, cell [{row_heading}] x [{column_heading}]"
+            line.append(resolve_cell({**fixed, **row, **column}, config, where))
+        grid.append(line)
+    return [h for h, _ in rows], [h for h, _ in columns], grid
+
+
+def cell_jobs(selector: dict, config: Mapping) -> list[tuple[str, dict]]:
+    """The evaluation jobs (rule, wildcards as strings) whose metrics make up one cell: one per
+    fine-tuning seed (x mask seed of random variants, x calibration seed of quantized ones), as the
+    workflow's rules name them."""
+    base = {"model": selector["model"], "task": selector["job_task"], "ft": selector["finetune"]}
+    seeds = [str(s) for s in config["finetune"].get("seeds", [0])]
+    stage = selector["stage"]
+    if stage == "finetune":
+        return [("evaluate_finetuned", {**base, "seed": s}) for s in seeds]
+    if stage == "prune":
+        variant = _labels(config, "prune")[selector["variant"]]
+        return [("evaluate", {**base, "seed": s, "prune": selector["variant"], "rate": f"{selector['drop_rate']:g}",
+                              "mseed": str(m)}) for s in seeds for m in variant.get("mask_seeds", [0])]
+    if stage == "quantize":
+        variant = _labels(config, "quantize")[selector["variant"]]
+        return [("evaluate_quantized", {**base, "seed": s, "quant": selector["variant"], "bits": str(selector["bits"]),
+                                        "cseed": str(c)}) for s in seeds for c in variant.get("calibration_seeds", [0])]
+    from methods import registry  # merges with a drop rate expand over the merge mask seeds
+
+    variant = _labels(config, "merge")[selector["variant"]]
+    random = any(p.name == "drop_rate" for p in registry.get("merge", variant["method"]).params)
+    mask_seeds = config.get("merge", {}).get("mask_seeds", [0]) if random else [0]
+    return [("evaluate_merge", {**base, "seed": s, "merge": selector["variant"], "mseed": str(m)})
+            for s in seeds for m in mask_seeds]
+
+
+def _cell_rows(selector: dict, metrics: pd.DataFrame) -> pd.DataFrame:
+    part = metrics[(metrics["model"] == selector["model"]) & (metrics["task"] == selector["task"])
+                   & (metrics["finetune"] == selector["finetune"]) & (metrics["stage"] == selector["stage"])]
+    if selector["stage"] != "finetune":
+        part = part[part["variant"] == selector["variant"]]
+    if selector["stage"] == "prune":
+        part = part[np.isclose(part["drop_rate"].astype(float), selector["drop_rate"], rtol=0.0, atol=1e-9)]
+    if selector["stage"] == "quantize":
+        part = part[part["bits"].astype(float) == selector["bits"]]
+    if selector["metric"]:
+        return part[part["metric"] == selector["metric"]]
+    return part[part["is_primary"].astype(bool)]
+
+
+def _half_width(std: float, count: int) -> float:
+    """95% Student-t confidence half-width of a mean over ``count`` runs (NaN for one run), as the report's."""
+    import scipy.stats
+
+    if count < 2 or not math.isfinite(std):
+        return float("nan")
+    return float(scipy.stats.t.ppf(0.975, count - 1) * std / count ** 0.5)
+
+
+def layout_table(table: Mapping, config: Mapping, metrics: pd.DataFrame) -> Table:
+    """One paper table filled from the tidy metrics (×100 for scores; perplexities as they are):
+    the mean over fine-tuning, mask and calibration seeds, ± the table's ``spread``; an empty cell
+    prints "–"."""
+    row_headings, column_headings, grid = layout_cells(table, config)
+    shape = (len(row_headings), len(column_headings))
+    values, errors, counts = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape)
+    metric_of = [set() for _ in column_headings]
+    for i, line in enumerate(grid):
+        for j, selector in enumerate(line):
+            part = _cell_rows(selector, metrics)
+            if not len(part):
+                continue
+            axes = [a for a in ("seed", "mask_seed", "calibration_seed") if a in part.columns]
+            runs = part.groupby(axes, dropna=False)["value"].mean().astype(float)
+            values[i, j], counts[i, j] = runs.mean(), len(runs)
+            metric_of[j].update(part["metric"])
+            spread = table.get("spread", "ci95")
+            if spread == "std" and len(runs) > 1:
+                errors[i, j] = runs.std()
+            elif spread == "ci95":
+                errors[i, j] = _half_width(runs.std(), len(runs))
+    raw = [bool(m) and all("perplexity" in name for name in m) for m in metric_of]
+    return Table(row_names=[""], rows=[(h,) for h in row_headings], columns=column_headings, values=values,
+                 errors=errors, counts=counts, better=["lower" if r else "higher" for r in raw],
+                 scale=[1.0 if r else 100.0 for r in raw], digits=[2 if r else 1 for r in raw],
+                 caption=table.get("caption", ""))
+
+
+def paper_page(config: Mapping, metrics: pd.DataFrame, report_dir: str | Path,
+               paper_dir: str | Path | None) -> str:
+    """Markdown of ``report/<experiment>/paper.md``; also writes each table as
+    ``tables/paper_<name>.{tex,html}``."""
+    from methods.io.checkpoint import atomic_file
+    from methods.report.tables import to_html, to_latex, to_markdown
+
+    paper = config["paper"]
+    report_dir = Path(report_dir)
+    (report_dir / "tables").mkdir(parents=True, exist_ok=True)
+    lines = [f"# Paper reproduction: {paper['title']}", "",
+             f"Experiment `{config['experiment']}`; the config's `paper` section lays out the paper's tables, "
+             "filled from this experiment's `metrics.csv` (headline metric ×100 unless named; "
+             "mean over fine-tuning, mask and calibration seeds; – = no run). "
+             + (f"Research notes followed: {paper['spec']}." if paper.get("spec") else ""), ""]
+    if paper.get("departures"):
+        lines += ["## Departures from the paper's protocol", ""] + [f"- {d}" for d in paper["departures"]] + [""]
+    for table in paper["tables"]:
+        rendered = layout_table(table, config, metrics)
+        spread = {"std": "± = standard deviation over runs", "ci95": "± = 95% confidence interval (Student t) over runs",
+                  "none": "no spread shown"}[table.get("spread", "ci95")]
+        rendered.caption = f"{table.get('caption', '')} ({spread}; best in bold).".strip()
+        with atomic_file(report_dir / "tables" / f"paper_{table['name']}.tex") as f:
+            f.write(to_latex(rendered) + "\n")
+        with atomic_file(report_dir / "tables" / f"paper_{table['name']}.html") as f:
+            f.write(to_html(rendered) + "\n")
+        lines += [f"## {table['name']}", "", to_markdown(rendered), ""]
+    lines += ["## Reported vs reproduced", ""]
+    numbers = None
+    if paper_dir is not None and (Path(paper_dir) / f"{paper['key']}.csv").is_file():
+        numbers = read_paper_file(Path(paper_dir) / f"{paper['key']}.csv")
+    if numbers is None:
+        lines += [f"No published figure of this paper is in `report/paper_numbers/{paper['key']}.csv`: the research "
+                  "notes verify none (figures they mark [2nd], [UNVERIFIED] or TODO are left out on purpose).", ""]
+    else:
+        comparison = reported_vs_reproduced(numbers, metrics)
+        lines += [f"The {len(numbers)} figures of `report/paper_numbers/{paper['key']}.csv` (each verified by a "
+                  "research note) next to this experiment's runs; `not run` = no run of ours matches the figure's "
+                  "task, method, drop rate and bits.", "", to_markdown(comparison_table(comparison)), ""]
+    return "\n".join(lines)
+
+
+def write_paper_page(config: Mapping, metrics: pd.DataFrame, report_dir: str | Path,
+                     paper_dir: str | Path | None) -> Path | None:
+    """Write ``paper.md`` (and its tables) when the config has a ``paper`` section; return its path."""
+    from methods.io.checkpoint import atomic_file
+
+    if not config.get("paper"):
+        return None
+    text = paper_page(config, metrics, report_dir, paper_dir)
+    target = Path(report_dir) / PAPER_PAGE
+    with atomic_file(target) as f:
+        f.write(text + "\n")
+    return target

@@ -194,7 +194,15 @@ def index_page(experiment: str, report_dir: str | Path, config: Mapping, metrics
 
 def write_index(experiment: str, report_dir: str | Path, config: Mapping, metrics: pd.DataFrame,
                 extra_pages: Mapping[str, str] | None = None, **options) -> Path:
-    """Write ``index_page(...)`` to ``report_dir/index.md`` atomically; return its path."""
+    """Write ``index_page(...)`` to ``report_dir/index.md`` atomically; return its path. A paper
+    config (a ``paper`` section, config/paper/*.yaml) first gets its page ``paper.md``, the paper's
+    own tables filled from ``metrics`` and its published figures (methods/report/paper.py), linked
+    from the index."""
+    if config.get("paper"):
+        from methods.report.paper import PAPER_PAGE, write_paper_page
+
+        write_paper_page(config, metrics, report_dir, REPO / "report" / "paper_numbers")
+        extra_pages = {f"Paper reproduction: {config['paper']['title']}": PAPER_PAGE, **dict(extra_pages or {})}
     text = index_page(experiment, report_dir, config, metrics, extra_pages, **options)
     target = Path(report_dir) / INDEX
     with atomic_file(target) as f:

@@ -415,8 +415,12 @@ JOB_RESOURCES = {
 
 def job_resources(kind: str) -> dict:
     """A rule's `resources:` as functions of the attempt: mem_mb, runtime, cpus_per_task (= the
-    rule's threads) and gpu (0 or 1, see GPUS_PER_JOB)."""
+    rule's threads) and gpu (0 or 1, see GPUS_PER_JOB). The config's `resources.<kind>` (e.g. a
+    paper config sized for a GPU) replaces the first attempt's values of JOB_RESOURCES."""
     mem_mb, runtime, uses_gpu = JOB_RESOURCES[kind]
+    declared = config.get("resources", {}).get(kind, {})
+    mem_mb, runtime = declared.get("mem_mb", mem_mb), declared.get("runtime", runtime)
+    uses_gpu = bool(declared.get("gpu", uses_gpu))
     return {
         "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
         "runtime": lambda wildcards, attempt: runtime * attempt,

@@ -24,6 +24,8 @@ def report_outputs() -> dict:
         "index": REPORT + "/index.md",
         "tables": directory(REPORT + "/tables"),
     }
+    if config.get("paper"):  # a paper reproduction: the paper's own tables (methods/report/paper.py)
+        outputs["paper"] = REPORT + "/paper.md"
     plots = report_plots()
     for plot in plots:
         outputs[plot] = report(f"{REPORT}/{plot}.png", category="Plots", caption=f"../../report/captions/{plot}.rst")
