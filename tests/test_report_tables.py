@@ -210,3 +210,17 @@ def test_html_is_well_nested_escaped_and_marks_the_best():
     assert set(parser.rows) == {4}      # 2 label cells + 2 value cells in every row, header included
     assert parser.strong == ["81.3", "92.4 ± 1.0"]
     assert 'title="n = 3"' in text and "<td" in text
+
+
+def test_grids_of_formatted_cells_in_latex_and_html():
+    from methods.report.tables import grid_html, grid_latex
+
+    header = ["variant", "zoo-sentiment (accuracy)", "50% {b}"]
+    rows = [["adamw → ties", "91.2 ± 0.4", "a&b"], ["x_y", "–", "<tag>"]]
+    text = grid_latex(header, rows)
+    check_latex(text)
+    assert text.startswith("\\begin{tabular}{lrr}") and text.count(" \\\\\n") == 3
+    assert "a\\&b" in text and "x\\_y" in text and "50\\% \\{b\\}" in text
+    page = grid_html(header, rows)
+    assert page.count("<tr>") == 3 and "&lt;tag&gt;" in page and "a&amp;b" in page
+    assert page.count("<table>") == page.count("</table>") == 1

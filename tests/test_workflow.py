@@ -144,7 +144,8 @@ def test_report_has_index_tables_and_plots(finished_run):
     for plot in ("score_vs_drop_rate", "score_vs_bits", "pareto", "delta_diagnostics"):
         assert (report_dir / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (report_dir / f"{plot}.pdf").read_bytes()[:5] == b"%PDF-"
-    for table in ("prune", "quantize_tiny-bert", "significance", "cost", "paper_numbers"):
+    for table in ("prune", "quantize_tiny-bert", "merge_tiny-bert", "significance", "cost", "paper_numbers",
+                  "storage"):
         assert "\\toprule" in (report_dir / "tables" / f"{table}.tex").read_text()
         assert "<table" in (report_dir / "tables" / f"{table}.html").read_text()
     index = (report_dir / "index.md").read_text()

@@ -19,7 +19,7 @@ from methods.report.paper import comparison_table, load_paper_numbers, reported_
 from methods.report.plots import (delta_diagnostics_plot, pareto_plot, score_vs_bits, score_vs_drop_rate, variant_family,
                                   variant_label)
 from methods.report.significance import compare
-from methods.report.tables import markdown_grid, to_html, to_latex, to_markdown, wide_table
+from methods.report.tables import grid_html, grid_latex, markdown_grid, to_html, to_latex, to_markdown, wide_table
 from methods.tasks import get_task
 
 SEED_AXES = ["seed", "mask_seed", "calibration_seed"]
@@ -138,8 +138,8 @@ def storage_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
 
 
 # -- merging ------------------------------------------------------------------------------------
-def merge_table(metrics: pd.DataFrame, model: str) -> str:
-    """Rows: the individually fine-tuned models, then each merge variant; columns: every task's
+def merge_table(metrics: pd.DataFrame, model: str) -> tuple[list[str], list[list[str]]]:
+    """(header, formatted rows). Rows: the individually fine-tuned models, then each merge variant; columns: every task's
     headline score, their average, and the normalized average (merged / fine-tuned per task)."""
     primary = metrics[metrics["is_primary"] & (metrics["model"] == model)]
     reference = primary[primary["stage"] == "finetune"].set_index(["task", "finetune", "seed"])["value"]
@@ -169,7 +169,7 @@ def merge_table(metrics: pd.DataFrame, model: str) -> str:
     for variant, part in merged.groupby("variant", sort=True):
         chosen = sorted({_params_text(p) for p in part["params"]})
         rows.append(row(f"{part['finetune'].iloc[0]} → {variant}", "; ".join(chosen), part, part["normalized"]))
-    return markdown_grid(header, rows)
+    return header, rows
 
 
 def _params_text(params_json: str) -> str:
@@ -369,7 +369,13 @@ def write_report(metrics: pd.DataFrame, experiment: str, report_dir: Path, diagn
                   f"`{split}`. Normalized = merged score / the fine-tuned model's score on the same task, averaged "
                   "over tasks (the raw score where the fine-tuned score is ≤ 0).", ""]
         for model in sorted(merged["model"].unique()):
-            lines += [f"### {model}", "", merge_table(metrics, model), ""]
+            header, rows = merge_table(metrics, model)
+            (report_dir / "tables").mkdir(parents=True, exist_ok=True)
+            with atomic_file(report_dir / "tables" / f"merge_{model}.tex") as f:
+                f.write(grid_latex(header, rows))
+            with atomic_file(report_dir / "tables" / f"merge_{model}.html") as f:
+                f.write(grid_html(header, rows))
+            lines += [f"### {model}", "", markdown_grid(header, rows), ""]
     lines += significance_section(metrics, report_dir)
     if paper_dir is not None:
         lines += paper_section(Path(paper_dir), metrics, report_dir)

@@ -341,3 +341,23 @@ def to_html(table: Table, *, table_id: str | None = None) -> str:
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines += ["</tbody>", "</table>"]
     return "\n".join(lines) + "\n"
+
+
+# -- grids of already formatted cells -----------------------------------------------------------
+def grid_latex(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A booktabs tabular of already formatted cells (first column left-aligned, the rest right),
+    every cell escaped, for tables whose cells are not one number each (e.g. the merge table)."""
+    lines = [f"\\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", "\\toprule",
+             " & ".join(escape_latex(c) for c in header) + " \\\\", "\\midrule"]
+    lines += [" & ".join(escape_latex(c) for c in row) + " \\\\" for row in rows]
+    return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+def grid_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A ``<table>`` of already formatted cells, every cell escaped."""
+    lines = ["<table>", "<thead><tr>" + "".join(f'<th scope="col">{html.escape(c)}</th>' for c in header)
+             + "</tr></thead>", "<tbody>"]
+    lines += ["<tr>" + f'<th scope="row">{html.escape(row[0])}</th>'
+              + "".join(f'<td style="text-align:right">{html.escape(c)}</td>' for c in row[1:]) + "</tr>"
+              for row in rows]
+    return "\n".join(lines + ["</tbody>", "</table>"]) + "\n"
