@@ -132,3 +132,16 @@ def test_a_changed_base_is_reported_by_name(tmp_path):
     save_delta_checkpoint(variant, base, "unused", tmp_path)
     with pytest.raises(ValueError, match="'w'.*base changed"):
         materialize_delta(tmp_path, base={"w": torch.zeros(2, 2)})
+
+
+def test_the_hash_of_a_full_merge_covers_its_tensors(tmp_path):
+    """variant_storage: full writes merged.safetensors; two different merges must not share a hash
+    (the lm-eval response cache is keyed by it)."""
+    hashes = set()
+    for value in (1.0, 2.0):
+        directory = tmp_path / str(value)
+        directory.mkdir()
+        save_file({"w": torch.full((2, 2), value)}, directory / "merged.safetensors")
+        (directory / "selection.json").write_text("{}")
+        hashes.add(checkpoint_hash(directory))
+    assert len(hashes) == 2

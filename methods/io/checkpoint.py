@@ -193,7 +193,9 @@ def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     """Content hash of a checkpoint's weight files (config and tokenizer excluded); a delta
     checkpoint's hash covers its base's."""
     checkpoint_dir = Path(checkpoint_dir)
-    files = sorted(p for p in checkpoint_dir.iterdir() if p.name.startswith(("model", "delta")) and p.is_file())
+    # model*: a full checkpoint; delta*: a delta checkpoint; merged*: a merge's tensors (variant_storage: full)
+    files = sorted(p for p in checkpoint_dir.iterdir()
+                   if p.name.startswith(("model", "delta", "merged")) and p.is_file())
     digest = hashlib.sha256()
     from methods.io.delta_artifact import base_location, is_delta_checkpoint
 
