@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, SCHEMES, GridParams, GridSpec, fit, quantize
-from methods.quantize.rtn import check_target
+from methods.quantize.rtn import check_targets
 from methods.registry import Param, register
 from methods.seeding import cpu_generator
 
@@ -341,12 +341,7 @@ def discquant(targets: dict[str, torch.Tensor], *, context: QuantizeContext, bit
     spec = GridSpec(bits, scheme, group_size, scale_dtype)
     _check(steps, lr, rho, clamp, warmup_steps, init)
     context.require_data("discquant")
-    for name, target in targets.items():
-        check_target(name, target, "discquant")
-        try:
-            spec.groups(target.shape)
-        except ValueError as error:
-            raise ValueError(f"discquant: target {name!r}: {error}") from None
+    check_targets(targets, spec, "discquant")
     if not targets:
         return {}
     with prepared(context.model, context.device):

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, GridParams, GridSpec, _stored, fit, quantize
-from methods.quantize.rtn import check_target
+from methods.quantize.rtn import check_targets
 from methods.registry import Param, register
 
 SEARCH_BOUNDS = (0.2, 1.5)      # coarse grid of the data-free search
@@ -399,12 +399,7 @@ def nupes(targets: dict[str, torch.Tensor], *, context: QuantizeContext, bits: i
         return {}
     device = torch.device(context.device)
     weights = {n: t.detach().to(device, torch.float32) for n, t in targets.items()}
-    for name, weight in weights.items():
-        check_target(name, weight, "nupes")
-        try:
-            spec.groups(weight.shape)
-        except ValueError as error:
-            raise ValueError(f"nupes: target {name!r}: {error}") from None
+    check_targets(weights, spec, "nupes")
 
     if exponent_scope == "global":
         a, stats = search_exponent(list(weights.values()), spec)

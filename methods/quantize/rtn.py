@@ -41,6 +41,16 @@ def check_target(name: str, weight: torch.Tensor, method: str) -> None:
         raise ValueError(f"{method}: target {name!r} has NaN/inf values")
 
 
+def check_targets(targets: dict[str, torch.Tensor], spec: GridSpec, method: str) -> None:
+    """``check_target`` for every target, and that the grid's grouping fits its shape."""
+    for name, weight in targets.items():
+        check_target(name, weight, method)
+        try:
+            spec.groups(weight.shape)
+        except ValueError as error:
+            raise ValueError(f"{method}: target {name!r}: {error}") from None
+
+
 def mse_clip_params(weight: torch.Tensor, spec: GridSpec) -> GridParams:
     """Grid parameters after the GPTQ reference's MSE shrink search (see the module docstring)."""
     weight = weight.to(torch.float32)
