@@ -77,7 +77,8 @@ class DeltaCheckpointWriter:
             form = "dense"
         else:
             changed = changed_entries(variant, base)
-            form = cheapest_form(variant.numel(), int(changed.sum()), variant.element_size())
+            record["changed"] = int(changed.sum())
+            form = cheapest_form(variant.numel(), record["changed"], variant.element_size())
             flat = variant.reshape(-1)
             if form == "bitmask":
                 self.stored[f"{name}.bitmask"] = pack_bits(changed.to(torch.uint8), 1)
@@ -86,7 +87,6 @@ class DeltaCheckpointWriter:
                 index_dtype = torch.int32 if variant.numel() < 2**31 else torch.int64
                 self.stored[f"{name}.indices"] = changed.nonzero().reshape(-1).to(index_dtype)
                 self.stored[f"{name}.values"] = flat[changed].clone()
-            record["changed"] = int(changed.sum())
         if form == "dense":
             self.stored[name] = variant.contiguous()
         self.tensors[name] = {**record, "storage": form}
