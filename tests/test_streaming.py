@@ -577,6 +577,23 @@ def test_branch_free_selections_equal_torch_where():
         assert torch.equal(_masked(values, shifted), values[:, mask])
 
 
+def test_branch_free_where_equal_and_count_equal_torch():
+    from methods.stream import _count_nonzero, _where_equal_
+
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-45, 1e-38, 3.0, -3.0, 3.0e38, -3.0e38, 2.0**-9])
+    a = torch.cat([special.repeat_interleave(len(special)), torch.randn(997, generator=g)])
+    b = torch.cat([special.repeat(len(special)), a[-997:].clone()])
+    b[-997::3] = torch.randn(333, generator=g)              # a == b on two thirds of the random part
+    a[-5:], b[-5:] = torch.tensor([1e-45] * 5), torch.tensor([1e-45 / 0.8] * 5)  # subnormals that round equal
+    x, out = torch.randn(a.numel(), generator=g), torch.randn(a.numel(), generator=g)
+    x[:50], out[50:100] = -0.0, -0.0
+    want = torch.where(a == b, x, out)
+    assert same_bits(_where_equal_(out.clone(), a, b, x, torch.empty_like(a)), want)
+    for values in (a, b, x, torch.zeros(9), -torch.zeros(9), torch.empty(0)):
+        assert _count_nonzero(values, torch.empty_like(values)) == int(torch.count_nonzero(values))
+
+
 def test_stream_merge_output_independent_of_model_order_and_layout(zoo, tmp_path):
     root, base, models = zoo
     for n in NAMES:
