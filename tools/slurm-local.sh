@@ -146,6 +146,10 @@ AuthType=auth/munge
 CredType=cred/munge
 SlurmctldPort=6817
 SlurmdPort=6818
+# every snakemake call imports the SLURM executor plugin, which runs \`scontrol show config\`;
+# with the daemons down (\`down\`) scontrol retries for MessageTimeout - 1 s: 9 s at the default
+# 10, 1 s here (round trips on one node take milliseconds)
+MessageTimeout=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=$RUN/slurmctld.pid
