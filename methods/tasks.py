@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 class TaskSpec:
     name: str
     arch: str                      # "encoder" or "decoder": the kind of model that solves it
-    kind: str                      # classification | regression | generation | multiple_choice
+    kind: str                      # classification | regression | generation | multiple_choice | lm-eval
     text_fields: tuple[str, ...]   # one field, or two for sentence pairs
     metrics: tuple[str, ...]       # every metric reported, in report order
     primary: str                   # headline metric (may be a mean of others, e.g. "pearson_spearman")
@@ -25,7 +25,8 @@ class TaskSpec:
     choices_field: str = "choices" # multiple choice: the candidate answers
     prompt: str = ""               # decoders: a format string over the example's fields
     description: str = ""
-    source: str = "zoo"            # where its data comes from: zoo (generated), glue, gsm8k
+    source: str = "zoo"            # where its data comes from: zoo (generated), glue, gsm8k, or lm-eval
+                                   # (none of the suite's: scored by lm-eval tasks named in the config)
     # lm-eval settings of a decoder task that differ from the generic ones (methods/evaluate/harness.py)
     harness: dict = field(default_factory=dict)
 
@@ -47,6 +48,7 @@ METRIC_RANGES = {
     "acc": (0.0, 1.0),
     "acc_norm": (0.0, 1.0),
     "perplexity": (1.0, float("inf")),
+    "score": (0.0, 1.0),           # tasks scored by lm-eval tasks by name: mean of their headline metrics
 }
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -79,4 +81,5 @@ def _load_builtin_tasks() -> None:
     # Importing the modules registers their tasks.
     from methods.data import glue as _glue  # noqa: F401
     from methods.data import gsm8k as _gsm8k  # noqa: F401
+    from methods.data import lm_eval_scored as _lm_eval_scored  # noqa: F401
     from methods.zoo import tasks as _zoo_tasks  # noqa: F401

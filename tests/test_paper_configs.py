@@ -25,9 +25,12 @@ from methods.report.paper import cell_jobs, layout_cells
 PAPER = REPO / "config" / "paper"
 PAPER_CONFIGS = sorted(PAPER.glob("*.yaml"))
 TWINS = sorted((PAPER / "twins").glob("*.yaml"))
-BLOCKED = sorted((PAPER / "blocked").glob("*.yaml"))
-# jobs that never use a GPU (resources kind "light"); every other rule runs a model
-LIGHT_RULES = {"task_data", "zoo_corpus", "zoo_heldout_text", "aggregate", "report"}
+# jobs that never use a GPU (resources kinds "light" and "import": linking a published checkpoint,
+# resizing a base's vocabulary); every other rule runs a model
+LIGHT_RULES = {"task_data", "zoo_corpus", "zoo_heldout_text", "aggregate", "report", "import_finetuned",
+               "resize_base_vocabulary"}
+# a paper config's rules for published checkpoints; a twin fine-tunes its zoo model instead (rule finetune)
+PUBLISHED_RULES = {"import_finetuned", "resize_base_vocabulary"}
 TARGET_ONLY = {"all"}  # the target rule runs nothing
 
 
@@ -87,7 +90,8 @@ def paper_dags(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
 def test_the_paper_configs_are_the_expected_set():
     names = {p.stem for p in PAPER_CONFIGS}
     assert {"dare_glue_bert", "dare_glue_roberta", "darex_glue_bert", "darex_glue_roberta", "discquant_phi3",
-            "discquant_llama31", "nupes", "statsq"} <= names
+            "discquant_llama31", "nupes", "statsq", "dare_merge_llm"} <= names
+    assert not (PAPER / "blocked").exists() or not list((PAPER / "blocked").glob("*.yaml"))
     for path in PAPER_CONFIGS:
         config = load(path)
         assert config["experiment"].startswith("paper-"), path.name
@@ -160,7 +164,10 @@ def test_twins_have_the_dag_shape_and_tables_of_their_paper_configs(paper_dags, 
         family = {name: dag for name, dag in paper_dags.items() if twin_of(PAPER / name) == twin}
         family_tables = set()
         for name, (paper, jobs) in family.items():
-            assert twin_rules == {j["rule"] for j in jobs} - zoo_rules, f"{twin.name} vs {name}"
+            paper_rules = {j["rule"] for j in jobs} - zoo_rules
+            if paper_rules & PUBLISHED_RULES:  # the twin trains what the paper imports
+                paper_rules = (paper_rules - PUBLISHED_RULES) | {"finetune"}
+            assert twin_rules == paper_rules, f"{twin.name} vs {name}"
             assert len(config["paper"]["tables"]) == len(paper["paper"]["tables"]), f"{twin.name} vs {name}"
             assert config["paper"]["key"] == paper["paper"]["key"], f"{twin.name} vs {name}"
             family_tables |= {t["name"] for t in paper["paper"]["tables"]}
@@ -169,18 +176,23 @@ def test_twins_have_the_dag_shape_and_tables_of_their_paper_configs(paper_dags, 
 
 
 def test_every_paper_config_has_a_twin():
-    for path in PAPER_CONFIGS + BLOCKED:
+    for path in PAPER_CONFIGS:
         assert twin_of(path).is_file()
 
 
-def test_blocked_configs_still_stop_at_start_up_for_the_documented_reason(tmp_path):
-    """config/paper/blocked/ holds reproductions the workflow cannot run yet; when the missing feature
-    lands this fails, and the config moves to config/paper/."""
-    assert [p.name for p in BLOCKED] == ["dare_merge_llm.yaml"]
-    result = dry_run(tmp_path, BLOCKED[0])
-    assert result.returncode != 0
-    assert re.search(r"Invalid config at key 'models\.[\w.-]+': Additional properties are not allowed "
-                     r"\('finetuned' was unexpected\)", result.stdout + result.stderr), result.stderr[-2000:]
+def test_published_checkpoints_are_imported_not_trained(paper_dags):
+    """dare_merge_llm takes the published WizardLM / WizardMath / code-alpaca checkpoints as its tasks'
+    models: one import per (model, task), a resized base per model (vocab_rule resize-base), no
+    fine-tuning, and the tasks without data of the suite scored by lm-eval tasks by name."""
+    config, jobs = paper_dags["dare_merge_llm.yaml"]
+    rules = [j["rule"] for j in jobs]
+    published = [(n, t) for n, m in config["models"].items() for t in m["finetuned"]]
+    assert "finetune" not in rules and rules.count("import_finetuned") == len(published)
+    assert rules.count("resize_base_vocabulary") == len(config["models"])
+    imported = {(j["wildcards"]["model"], j["wildcards"]["task"]) for j in jobs if j["rule"] == "import_finetuned"}
+    assert imported == set(published)
+    assert {"instruct", "code"} <= {t for n, t in published}
+    assert set(config["evaluate"]["harness_scoring"]) == {"instruct", "code"}
 
 
 # -- the layout itself (no workflow) ---------------------------------------------------------------

@@ -43,8 +43,13 @@ def prepare_task(name: str, data: dict, zoo: dict) -> dict[str, list[dict]]:
     ``source: local`` with a ``path``); validation is ``data.validation_fraction`` of train held out
     as the papers do, test is the benchmark's labelled evaluation split (GLUE dev, GSM8K test).
     ``data.max_examples`` caps splits by a seeded subsample, a deliberate departure from the
-    protocol for small machines that is recorded in the task's manifest."""
+    protocol for small machines that is recorded in the task's manifest. Tasks scored only by lm-eval
+    tasks by name (``instruct``, ``code``) have no data here: three empty splits."""
     spec = get_task(name)
+    if spec.source == "lm-eval":
+        # no data of the suite (methods/data/lm_eval_scored.py): empty files keep every rule's inputs
+        # uniform; the lm-eval tasks that score it bring their own data
+        return {split: [] for split in SPLITS}
     if spec.source == "zoo":
         from methods.zoo.tasks import generate_task
 

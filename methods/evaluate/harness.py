@@ -100,23 +100,34 @@ def _metric_key(results: dict, name: str, preferred_filter: str | None) -> str |
 
 
 def _simple_evaluate(model, tokenizer, tasks: list[str], task_manager, batch_size: int,
-                     cache: str | Path | None) -> dict:
+                     cache: str | Path | None, allow_code_execution: bool = False) -> dict:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
+    if allow_code_execution:
+        # HumanEval/MBPP score through Hugging Face evaluate's code_eval, which refuses to execute
+        # generated programs unless this is set
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     # lm-eval keys cached responses by the request alone, so a cache is only valid for one set of
     # weights: the caller names it after the model's content hash.
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
-                                   use_cache=str(cache) if cache else None, **HARNESS_SETTINGS)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
+                                       use_cache=str(cache) if cache else None,
+                                       confirm_run_unsafe_code=allow_code_execution, **HARNESS_SETTINGS)
+    except ValueError as error:
+        if "unsafe" in str(error) and not allow_code_execution:
+            raise ValueError(f"{error} (the config's evaluate.allow_code_execution: true allows it; the "
+                             "generated programs then run on this machine)") from None
+        raise
 
 
-def _summary(results: dict) -> dict:
+def _summary(results: dict, allow_code_execution: bool = False) -> dict:
     summary = {k: v for k, v in results.items() if k in ("results", "configs", "n-shot", "versions", "n-samples",
                                                           "lm_eval_version", "transformers_version")}
-    summary["settings"] = HARNESS_SETTINGS
+    summary["settings"] = {**HARNESS_SETTINGS, "confirm_run_unsafe_code": allow_code_execution}
     return summary
 
 
@@ -145,20 +156,26 @@ def run_harness(model, tokenizer, spec: TaskSpec, data_file: str | Path, include
 
 
 def run_named_tasks(model, tokenizer, tasks: list[str], batch_size: int, cache: str | Path | None = None,
-                    include_path: str | Path | None = None) -> tuple[dict[str, dict[str, float]], dict, dict]:
+                    include_path: str | Path | None = None, allow_code_execution: bool = False,
+                    ) -> tuple[dict[str, dict[str, float]], dict, dict]:
     """Score a loaded causal LM on lm-eval tasks by name (built-in ones such as ``gsm8k``,
     ``arc_easy``, ``hellaswag``, or tasks under ``include_path``): (metrics per task as lm-eval
     reports them, with ``<metric>,<filter>`` flattened to ``<metric>`` for the default filter
     ``none`` and ``<metric>_<filter>`` otherwise; the results summary; per-sample logs per task).
-    Built-in tasks read their data from the hub cache: run once online, or pre-fetch the datasets."""
+    Built-in tasks read their data from the hub cache: run once online, or pre-fetch the datasets.
+    When every task is found under ``include_path``, lm-eval's thousands of built-in task files are
+    not indexed (seconds a call); otherwise both are searched. Tasks that execute generated code
+    (HumanEval, MBPP) run only with ``allow_code_execution``."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(include_path) if include_path else None,
                           include_defaults=include_path is None)
+    if include_path and any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=str(include_path), include_defaults=True)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise KeyError(f"lm-eval knows no task(s) {unknown}; see `lm-eval ls tasks`")
-    results = _simple_evaluate(model, tokenizer, list(tasks), manager, batch_size, cache)
+    results = _simple_evaluate(model, tokenizer, list(tasks), manager, batch_size, cache, allow_code_execution)
     metrics = {}
     for task in tasks:
         flat = {}
@@ -168,4 +185,38 @@ def run_named_tasks(model, tokenizer, tasks: list[str], batch_size: int, cache: 
             name, filter_name = key.split(",", 1)
             flat[name if filter_name == "none" else f"{name}_{filter_name}"] = float(value)
         metrics[task] = flat
-    return metrics, _summary(results), results.get("samples", {})
+    return metrics, _summary(results, allow_code_execution), results.get("samples", {})
+
+
+# Headline metric of an lm-eval task run by name, in order of preference; a name also matches with a
+# filter suffix (HumanEval reports pass@1 under its filter create_test: ``pass@1_create_test``).
+# Those before word_perplexity lie in [0, 1], so a mean of them is a score.
+NAMED_PRIMARY = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "prompt_level_strict_acc",
+                 "word_perplexity")
+_BOUNDED = NAMED_PRIMARY[:-1]
+
+
+def named_task_primary(metrics: dict) -> str:
+    """Headline metric of an lm-eval task run by name (flattened names as run_named_tasks gives
+    them): the first of NAMED_PRIMARY present, bare or with a filter suffix; else the first metric."""
+    for name in NAMED_PRIMARY:
+        found = [m for m in metrics if (m == name or m.startswith(name + "_")) and not m.endswith("_stderr")]
+        if found:
+            return name if name in found else found[0]  # lm-eval's order: its first filter
+    return next((m for m in metrics if not m.endswith("_stderr")), "")
+
+
+def harness_score(named: dict[str, dict[str, float]], tasks: list[str], where: str) -> dict[str, float]:
+    """The metrics of a task scored by lm-eval tasks by name: ``score``, the mean of each task's
+    headline metric (``named_task_primary``; each must be a [0, 1] metric such as accuracy or pass@1).
+    ``where`` names the config key listing ``tasks``, for the error message."""
+    values = []
+    for task in tasks:
+        metrics = named.get(task) or {}
+        primary = named_task_primary(metrics)
+        if not any(primary == m or primary.startswith(m + "_") for m in _BOUNDED):
+            raise ValueError(f"{where}: lm-eval task {task!r} reports no accuracy-like headline metric "
+                             f"(one of {list(_BOUNDED)}; it gave {sorted(metrics)}), so it cannot be averaged "
+                             "into a score; list it in evaluate.harness_tasks instead")
+        values.append(metrics[primary])
+    return {"score": sum(values) / len(values)}

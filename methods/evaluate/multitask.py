@@ -22,13 +22,20 @@ class MultiTaskScorer:
 
     Each task's fine-tuned model is loaded once and scored once as the reference; a call copies
     the merged tensors into every task model (restoring nothing: the next call overwrites the same
-    tensors) and scores the given split. ``history`` keeps every call's per-task scores."""
+    tensors) and scores the given split. ``history`` keeps every call's per-task scores.
+
+    Tasks without data of the suite (source lm-eval: instruct, code) are not scored (``skipped``):
+    the merge is chosen on the other tasks; with none left, a call returns NaN (no choice to make;
+    the workflow refuses a grid for such a model at start-up)."""
 
     def __init__(self, tasks: dict[str, tuple[TaskSpec, str | Path, str | Path]], batch_size: int,
                  max_length: int):
         self.batch_size, self.max_length = batch_size, max_length
         self.tasks = {}
+        self.skipped = sorted(name for name, (spec, _, _) in tasks.items() if spec.source == "lm-eval")
         for name, (spec, checkpoint, data_file) in sorted(tasks.items()):
+            if name in self.skipped:
+                continue
             model, tokenizer = load_task_model(checkpoint, spec)
             self.tasks[name] = (spec, model, tokenizer, data_file)
         self.reference = {name: self._primary(name) for name in self.tasks}
@@ -45,4 +52,6 @@ class MultiTaskScorer:
             apply_overrides(model, merged, f"task {name}")
             scores[name] = self._primary(name)
         self.history.append(scores)
+        if not scores:
+            return float("nan")
         return sum(normalized(scores[n], self.reference[n]) for n in scores) / len(scores)

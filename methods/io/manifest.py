@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from methods.io.checkpoint import MANIFEST, checkpoint_hash, write_json
+from methods.io.checkpoint import MANIFEST, checkpoint_dir_of, checkpoint_hash, write_json
 
 
 def library_versions() -> dict[str, str]:
@@ -34,7 +34,8 @@ class Manifest:
         self.started = time.perf_counter()
         self.record = {
             "stage": stage, "method": method, "params": params, "seeds": seeds or {},
-            "parents": {name: {"path": str(path), "weights_sha256": checkpoint_hash(path)}
+            # a hub id (a base with source: hub) is hashed from its snapshot in the Hugging Face cache
+            "parents": {name: {"path": str(path), "weights_sha256": checkpoint_hash(checkpoint_dir_of(path))}
                         for name, path in (parents or {}).items()},
             "versions": library_versions(),
         }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from methods.evaluate.harness import named_task_primary
 from methods.io.checkpoint import read_json
 from methods.tasks import METRIC_RANGES
 
@@ -27,11 +28,6 @@ COLUMNS = IDENTITY + ["metric", "value", "stderr", "is_primary", "checkpoint_sha
 
 class MetricOutOfRange(ValueError):
     pass
-
-
-def _named_task_primary(metrics: dict) -> str:
-    """Headline metric of an lm-eval task run by name: lm-eval's usual one where present."""
-    return next((m for m in ("acc_norm", "acc", "exact_match", "word_perplexity") if m in metrics), next(iter(metrics), ""))
 
 
 def _rows(path, record: dict, task: str, metrics: dict, primary: str, checked: bool) -> list[dict]:
@@ -60,7 +56,7 @@ def records_to_frame(paths: list[str | Path]) -> pd.DataFrame:
         record = read_json(path)
         rows += _rows(path, record, record["task"], record["metrics"], record["primary_metric"], checked=True)
         for task, metrics in record.get("harness_tasks", {}).get("metrics", {}).items():
-            rows += _rows(path, record, f"lm-eval:{task}", metrics, _named_task_primary(metrics), checked=False)
+            rows += _rows(path, record, f"lm-eval:{task}", metrics, named_task_primary(metrics), checked=False)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     order = ["experiment", "model", "task", "stage", "variant", "finetune", "seed", "drop_rate", "mask_seed", "bits",
              "metric"]

@@ -189,7 +189,10 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
     if "samples" not in metrics.columns:  # a metrics.csv aggregated before per-example paths were recorded
         return ["## Is the difference real?", "",
                 "Not computed: this metrics.csv has no `samples` column; delete it and re-run to aggregate again.", ""]
-    primary = metrics[metrics["is_primary"] & ~metrics["task"].str.startswith("lm-eval:")]
+    # lm-eval tasks by name, and tasks scored only through them (instruct, code), have no per-example
+    # outputs of their own to pair
+    own = metrics["task"].map(lambda t: not t.startswith("lm-eval:") and get_task(t).source != "lm-eval")
+    primary = metrics[metrics["is_primary"] & own.astype(bool)]
     comparisons = []
     for stage, baseline in (("prune", "dare"), ("quantize", "rtn")):
         rows = primary[primary["stage"] == stage]

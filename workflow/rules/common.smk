@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,8 +18,9 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from methods import registry  # noqa: E402
+from methods.data.lm_eval_scored import has_suite_data  # noqa: E402
 from methods.io.sources import package_checkpoint  # noqa: E402
-from methods.prune.fit import Q_METHODS  # noqa: E402
+from methods.prune.fit import DATA_DRIVEN, Q_METHODS  # noqa: E402
 from methods.tasks import get_task  # noqa: E402
 
 # No `configfile:` directive: it would be merged with a --configfile given on the command line,
@@ -121,8 +123,11 @@ def _check_methods() -> None:
             raise registry.MethodConfigError(
                 f"{section}: two variants share the label(s) {sorted({l for l in labels if labels.count(l) > 1})}; set 'label'")
     for name, model in config["models"].items():
-        if model["arch"] not in config["finetune"]:
-            raise registry.MethodConfigError(f"finetune.{model['arch']}: no fine-tuning budget for {model['arch']}s (model {name})")
+        # tasks without data of the suite are never trained (_check_finetuned says what they need)
+        trained = [t for t in model["tasks"] if t not in model.get("finetuned", {}) and has_suite_data(t)]
+        if trained and model["arch"] not in config["finetune"]:
+            raise registry.MethodConfigError(f"finetune.{model['arch']}: no fine-tuning budget for {model['arch']}s "
+                                             f"(model {name} fine-tunes {', '.join(trained)})")
         for task in model["tasks"]:
             if get_task(task).arch != model["arch"]:
                 raise registry.MethodConfigError(
@@ -152,6 +157,81 @@ def _check_model_sources() -> None:
                     "source: local with a checkpoint directory")
 
 
+def _check_finetuned() -> None:
+    """Published fine-tuned checkpoints (models.<name>.finetuned) and the tasks only they can provide
+    (no data of the suite: instruct, code), before any job starts."""
+    scoring = config["evaluate"].get("harness_scoring", {})
+    used = {t for m in config["models"].values() for t in m["tasks"]}
+    for task in scoring:
+        if has_suite_data(task):
+            raise registry.MethodConfigError(
+                f"evaluate.harness_scoring.{task}: {task} is scored on its own data; run extra lm-eval tasks on "
+                "every decoder variant with evaluate.harness_tasks")
+        if task not in used:
+            raise registry.MethodConfigError(f"evaluate.harness_scoring.{task}: {task} is not a task of any model")
+    for name, model in config["models"].items():
+        published = model.get("finetuned", {})
+        for task in published:
+            if task not in model["tasks"]:
+                raise registry.MethodConfigError(
+                    f"models.{name}.finetuned.{task}: {task!r} is not one of the model's tasks ({model['tasks']})")
+        for task, entry in published.items():
+            where = f"models.{name}.finetuned.{task}"
+            if entry["source"] == "local":
+                if not (Path(entry["path"]) / "config.json").is_file():
+                    raise registry.MethodConfigError(
+                        f"{where}.path: {entry['path']!r} is not a checkpoint directory (no config.json there)")
+            elif os.environ.get("HF_HUB_OFFLINE", "1") == "1":
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(entry["id"], "config.json",
+                                                         revision=entry.get("revision")), str):
+                    raise registry.MethodConfigError(
+                        f"{where}.id: {entry['id']!r} is not in the local Hugging Face cache and the workflow runs "
+                        "offline (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it")
+        for task in model["tasks"]:
+            if has_suite_data(task):
+                continue
+            if task not in published:
+                raise registry.MethodConfigError(
+                    f"models.{name}.tasks: {task} has no training data in the suite, so the workflow cannot "
+                    f"fine-tune it; give its published checkpoint in models.{name}.finetuned.{task}")
+            if not scoring.get(task):
+                raise registry.MethodConfigError(
+                    f"evaluate.harness_scoring.{task}: {task} (a task of model {name}) has no data of the suite; "
+                    "name the lm-eval tasks that score it, e.g. {code: [humaneval, mbpp], instruct: [ifeval]}")
+        if model.get("vocab_rule", "strict") == "resize-base":
+            if model["arch"] != "decoder":
+                raise registry.MethodConfigError(f"models.{name}.vocab_rule: resize-base applies to decoders")
+            if not published:
+                raise registry.MethodConfigError(
+                    f"models.{name}.vocab_rule: resize-base grows the base to its published checkpoints' "
+                    f"vocabulary, but models.{name}.finetuned names none")
+    # stages that need task data cannot run on a task without it
+    no_data = {t for t in used if not has_suite_data(t)}
+    for i, variant in enumerate(config["prune"]):
+        if variant["method"] in DATA_DRIVEN or "q_rule" in variant:
+            hit = sorted(set(variant.get("tasks", sorted(used))) & no_data)
+            if hit:
+                raise registry.MethodConfigError(
+                    f"prune[{i}]: {variant['method']} fits on task data, and {hit} have none; restrict it with tasks:")
+    for i, variant in enumerate(config["quantize"]):
+        hit = sorted(set(variant.get("tasks", sorted(used))) & no_data)
+        if hit:
+            raise registry.MethodConfigError(
+                f"quantize[{i}]: quantization draws calibration data from the task, and {hit} have none; "
+                "restrict it with tasks:")
+    for i, variant in enumerate(config["merge"]["methods"]):
+        if not variant.get("grid"):
+            continue
+        for name in merge_models(variant):
+            if all(not has_suite_data(t) for t in config["models"][name]["tasks"]):
+                raise registry.MethodConfigError(
+                    f"merge.methods[{i}].grid: no task of model {name} ({config['models'][name]['tasks']}) has "
+                    "validation data to choose the grid point on; fix the parameters in params, or restrict the "
+                    "variant with models:")
+
+
 def _check_data_sources() -> None:
     """Real tasks need their data source configured, and local files must be where the layout says."""
     from methods.data.prepare import local_source_files
@@ -171,7 +251,7 @@ def _check_data_sources() -> None:
     for name, model in config["models"].items():
         for task in model["tasks"]:
             family = get_task(task).source
-            if family == "zoo":
+            if family in ("zoo", "lm-eval"):  # generated, or no data of the suite at all
                 continue
             settings = config.get("data", {}).get(family)
             if not settings:
@@ -214,6 +294,7 @@ def merge_models(variant: dict) -> list[str]:
 
 _check_methods()
 _check_model_sources()
+_check_finetuned()
 _check_data_sources()
 _check_variant_tasks()
 
@@ -280,18 +361,55 @@ wildcard_constraints:
 
 
 def base_checkpoint(wildcards):
-    """The pre-trained checkpoint a model's fine-tunes start from, as a file input: the directory
-    of zoo, local and package models; nothing for hub ids (transformers resolves them)."""
-    if config["models"][wildcards.model]["source"] == "hub":
-        return []
-    return base_location(wildcards.model)
+    """The checkpoint a model's deltas are taken against (and its fine-tunes start from), as a file
+    input: the directory of zoo, local and package models and of a resized base; nothing for hub
+    ids (transformers resolves them)."""
+    if config["models"][wildcards.model].get("vocab_rule") == "resize-base":
+        return base_location(wildcards.model)
+    return source_base_checkpoint(wildcards)
 
 
 def base_location(model_name: str) -> str:
+    """The base every stage reads: the model's own, or with vocab_rule resize-base its copy with the
+    published checkpoints' vocabulary (rule resize_base_vocabulary)."""
+    if config["models"][model_name].get("vocab_rule") == "resize-base":
+        return f"{RESULTS}/{model_name}/base-resized"
+    return source_base_location(model_name)
+
+
+def source_base_checkpoint(wildcards):
+    """The model's own base checkpoint as a file input (nothing for hub ids)."""
+    if config["models"][wildcards.model]["source"] == "hub":
+        return []
+    return source_base_location(wildcards.model)
+
+
+def source_base_location(model_name: str) -> str:
+    """The model's own base, as the config names it."""
     model = config["models"][model_name]
     if model["source"] == "package":
         return str(package_checkpoint(model["package"]))
     return {"zoo": f"{RESULTS}/{model_name}/pretrained", "local": model.get("path"), "hub": model.get("id")}[model["source"]]
+
+
+# -- published fine-tuned checkpoints (models.<name>.finetuned; methods/io/published.py) ---------------
+# FT_DIR/checkpoint of a (model, task) with a published checkpoint comes from rule import_finetuned,
+# of every other pair from rule finetune. Snakemake constrains wildcards one by one, so the split is
+# a lookahead in the model wildcard's regex, which sees the rest of the path ("<model>/<task>/..."):
+# the two rules' outputs never match the same file, with no ruleorder to keep in sync.
+PUBLISHED = sorted((name, task) for name, model in config["models"].items() for task in model.get("finetuned", {}))
+_PUBLISHED_PAIRS = "|".join(re.escape(f"{name}/{task}/") for name, task in PUBLISHED)
+_MODEL_NAME = "[A-Za-z0-9][A-Za-z0-9.-]*"
+PUBLISHED_MODEL = f"(?={_PUBLISHED_PAIRS}){_MODEL_NAME}" if PUBLISHED else "(?!)"
+TRAINED_MODEL = f"(?!{_PUBLISHED_PAIRS}){_MODEL_NAME}" if PUBLISHED else _MODEL_NAME
+
+
+def published_references(model_name: str) -> dict[str, str]:
+    """task -> the imported checkpoint of each published task of a model, under the first optimizer
+    label and seed (every (optimizer, seed) holds the same weights)."""
+    ft, seed = next(iter(finetune_variants())), config["finetune"]["seeds"][0]
+    return {task: FT_DIR.format(model=model_name, task=task, ft=ft, seed=seed) + "/checkpoint"
+            for task in sorted(config["models"][model_name].get("finetuned", {}))}
 
 
 def quantize_source(wc) -> str:
@@ -407,6 +525,7 @@ GPUS_PER_JOB = int(os.environ.get("DCBENCH_GPUS_PER_JOB", "0"))
 JOB_RESOURCES = {
     "light": (1000, 10, False),  # zoo corpus and text, task data, aggregation, report
     "train": (4000, 120, True),  # pretrain, finetune
+    "import": (4000, 60, False),  # a published fine-tuned checkpoint linked (or converted), a base resized
     "prune": (2000, 60, True),  # pruning (data-driven q rules run forward passes), delta diagnostics
     "merge": (3000, 120, True),  # a merge and its validation grid
     "evaluate": (2000, 30, True),  # one variant scored on one task

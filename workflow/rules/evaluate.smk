@@ -7,6 +7,10 @@ EVALUATION_PARAMS = {
     "max_length": lambda wc: config["models"][wc.model]["max_length"],
     "perplexity": perplexity_settings(),
     "harness_tasks": config["evaluate"].get("harness_tasks", []),
+    # tasks without data of the suite (instruct, code): the lm-eval tasks that score them
+    "harness_scoring": lambda wc: config["evaluate"].get("harness_scoring", {}).get(wc.task, []),
+    "harness_include": config["evaluate"].get("harness_include", ""),
+    "allow_code_execution": config["evaluate"].get("allow_code_execution", False),
     "harness_cache": harness_cache(),
 }
 

@@ -20,7 +20,10 @@ with job(snakemake.log[0], snakemake.threads) as log:
     model, tokenizer = load_task_model(inputs.finetuned, spec)
     batches = input_batches(tokenizer, spec, Path(inputs.calibration), CALIBRATION_EXAMPLES, params.batch_size,
                             params.max_length)
-    means = input_means(collect_input_stats(model, batches))
+    # a task without data of the suite (instruct, code) has no inputs: statistics of the delta alone
+    means = input_means(collect_input_stats(model, batches)) if batches else None
+    if not batches:
+        log.info("%s has no calibration inputs: no activation-weighted statistics", wc.task)
     tensors, layers, recommendations = diagnose(base, finetuned, exclude=exclude, input_means=means,
                                                 drop_rates=params.drop_rates, arch=params.arch)
     for path, rows in ((output.tensors, tensors), (output.layers, layers)):

@@ -2,7 +2,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from methods.evaluate.harness import run_named_tasks
+from methods.evaluate.harness import harness_score, run_named_tasks
 from methods.evaluate.perplexity import text_perplexity
 from methods.evaluate.run import evaluate_task, load_task_model
 from methods.io.checkpoint import (align_names, atomic_file, checkpoint_hash, file_sha256, load_state_dict, read_json,
@@ -35,17 +35,28 @@ with job(snakemake.log[0], snakemake.threads) as log:
         weights = hashlib.sha256((weights + artifact_hash(artifact)).encode()).hexdigest()
     model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
     cache = Path(params.harness_cache) / weights if params.harness_cache else None
-    metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
-                                              params.max_length, cache)
+    named_options = {"include_path": params.harness_include or None,
+                     "allow_code_execution": params.allow_code_execution}
     record_extra = {}
+    if params.harness_scoring:  # a task without data of the suite (instruct, code): lm-eval tasks by name
+        # evaluate.harness_tasks run in the same call; each lm-eval task runs once
+        names = list(dict.fromkeys(params.harness_scoring + (params.harness_tasks or [])))
+        named, harness, named_samples = run_named_tasks(model, tokenizer, names, params.batch_size, cache,
+                                                        **named_options)
+        metrics = harness_score(named, params.harness_scoring, f"evaluate.harness_scoring.{spec.name}")
+        samples = [{"harness_task": task, **sample} for task, rows in named_samples.items() for sample in rows]
+        record_extra["harness_tasks"] = {"metrics": named, "summary": harness}
+    else:
+        metrics, samples, harness = evaluate_task(model, tokenizer, spec, inputs.data, params.batch_size,
+                                                  params.max_length, cache)
     text = inputs.text if "text" in inputs.keys() else []  # an empty input when not configured
     if text:
         ppl = text_perplexity(model, tokenizer, text, **params.perplexity)
         metrics["perplexity"] = ppl["perplexity"]
         record_extra["perplexity"] = {**ppl, "text": str(text), "text_sha256": file_sha256(text)}
-    if params.harness_tasks and not spec.is_encoder:
+    if params.harness_tasks and not spec.is_encoder and not params.harness_scoring:
         named, summary, named_samples = run_named_tasks(model, tokenizer, params.harness_tasks, params.batch_size,
-                                                        cache)
+                                                        cache, **named_options)
         record_extra["harness_tasks"] = {"metrics": named, "summary": summary}
         samples += [{"harness_task": task, **sample} for task, rows in named_samples.items() for sample in rows]
     with atomic_file(snakemake.output.samples) as f:
