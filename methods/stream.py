@@ -6,10 +6,11 @@ tensors, but both read the inputs block by block (``read_elements`` per tensor a
 sharded safetensors (``methods.io.streaming.LazyCheckpoint``), compute on chunks of
 ``chunk_elements`` and write the output shard by shard, atomically (``ShardedWriter``). Memory is
 a fixed set of reused buffers sized by those two numbers — a few tens of MB — whatever the model
-size. A reader thread reads the next blocks and prepares them (float32 conversion, deltas, DARE's
-random numbers) while the main thread merges the current one; every intermediate lives in a
-reused buffer (``_Buffers``), because fresh tensors per chunk make the allocator return memory to
-the system and fault it in again, which costs more than the arithmetic.
+size. A reader thread reads the next blocks and prepares them (merges: float32 conversion and
+deltas; DARE: its random numbers come from a third thread) while the main thread computes and
+writes the current one; every intermediate lives in a reused buffer (``_Buffers``), because fresh
+tensors per chunk make the allocator return memory to the system and fault it in again, which
+costs more than the arithmetic.
 
 Results are bit-identical to the in-memory implementations (tests/test_streaming.py compares
 them on sharded random checkpoints with chunk sizes that split every tensor): the per-tensor math
