@@ -216,6 +216,9 @@ def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, bloc
     diagonal = torch.arange(columns, device=W.device)
     H[diagonal, diagonal] += damp
     U, fallback = _upper_inverse_cholesky(H, name, percdamp, on_cholesky_failure)
+    # torch returns the factor column-major (strides (1, n)); row-major makes each row U[j, j:] that the
+    # column loop reads contiguous. Same values, so the same result.
+    U = U.contiguous()
 
     codes = torch.zeros(rows, columns, dtype=torch.float32, device=W.device)
     losses = torch.zeros_like(W)
@@ -247,7 +250,9 @@ def gptq_layer(weight: torch.Tensor, hessian: torch.Tensor, spec: GridSpec, bloc
             codes[:, j] = c
             Losses1[:, i] = (w - q) ** 2 / d ** 2
             err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+            # rank-1 update as a broadcast product: the same single rounded product per entry as the
+            # (rows × 1)·(1 × k) matmul, without a GEMM call per column
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         losses[:, i1:i2] = Losses1 / 2
         W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
