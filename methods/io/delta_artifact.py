@@ -29,7 +29,16 @@ from safetensors.torch import save_file
 
 from methods.io.checkpoint import (align_names, check_finite, checkpoint_dir_of, copy_template_files, load_state_dict,
                                    load_tensors, read_json, write_json)
-from methods.quantize.artifact import pack_bits, unpack_bits  # a bitmask is the 1-bit case of the code packer
+
+
+def _bits():
+    """methods.quantize.artifact (a bitmask is the 1-bit case of its code packer), imported on use:
+    importing the methods.quantize package loads every quantizer and transformers (~0.5 s), which
+    every reader of this module (the merge and streaming code) would otherwise pay at start-up."""
+    from methods.quantize import artifact
+
+    return artifact
+
 
 DELTA_INDEX = "delta.json"
 DELTA_WEIGHTS = "delta.safetensors"
@@ -81,7 +90,7 @@ class DeltaCheckpointWriter:
             form = cheapest_form(variant.numel(), record["changed"], variant.element_size())
             flat = variant.reshape(-1)
             if form == "bitmask":
-                self.stored[f"{name}.bitmask"] = pack_bits(changed.to(torch.uint8), 1)
+                self.stored[f"{name}.bitmask"] = _bits().pack_bits(changed.to(torch.uint8), 1)
                 self.stored[f"{name}.values"] = flat[changed].clone()
             elif form == "indices":
                 index_dtype = torch.int32 if variant.numel() < 2**31 else torch.int64
@@ -178,7 +187,7 @@ def materialize_delta(directory: str | Path, base: dict[str, torch.Tensor] | Non
                              "was written")
         flat = base[name].to(dtype).reshape(-1).clone()
         if form == "bitmask":
-            flat[unpack_bits(stored[f"{name}.bitmask"], 1, flat.numel()).bool()] = stored[f"{name}.values"]
+            flat[_bits().unpack_bits(stored[f"{name}.bitmask"], 1, flat.numel()).bool()] = stored[f"{name}.values"]
         elif form == "indices":
             flat[stored[f"{name}.indices"].long()] = stored[f"{name}.values"]
         state[name] = flat.reshape(shape)
