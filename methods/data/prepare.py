@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from methods.data.splits import paper_holdout, subsample
+from methods.data.lm_eval_scored import has_suite_data
 from methods.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def prepare_task(name: str, data: dict, zoo: dict) -> dict[str, list[dict]]:
     protocol for small machines that is recorded in the task's manifest. Tasks scored only by lm-eval
     tasks by name (``instruct``, ``code``) have no data here: three empty splits."""
     spec = get_task(name)
-    if spec.source == "lm-eval":
+    if not has_suite_data(name):
         # no data of the suite (methods/data/lm_eval_scored.py): empty files keep every rule's inputs
         # uniform; the lm-eval tasks that score it bring their own data
         return {split: [] for split in SPLITS}

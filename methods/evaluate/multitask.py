@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from methods.evaluate.run import apply_overrides, evaluate_task, load_task_model
+from methods.data.lm_eval_scored import has_suite_data
 from methods.tasks import TaskSpec
 
 
@@ -32,7 +33,7 @@ class MultiTaskScorer:
                  max_length: int):
         self.batch_size, self.max_length = batch_size, max_length
         self.tasks = {}
-        self.skipped = sorted(name for name, (spec, _, _) in tasks.items() if spec.source == "lm-eval")
+        self.skipped = sorted(name for name, (spec, _, _) in tasks.items() if not has_suite_data(spec.name))
         for name, (spec, checkpoint, data_file) in sorted(tasks.items()):
             if name in self.skipped:
                 continue

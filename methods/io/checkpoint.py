@@ -134,6 +134,11 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             "(or its directory) and re-run the workflow to rebuild it.") from error
 
 
+def hub_offline() -> bool:
+    """Whether the workflow runs without the hub: HF_HUB_OFFLINE, which defaults to 1 (offline)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1") == "1"
+
+
 def checkpoint_dir_of(location: str | Path) -> Path:
     """A checkpoint directory, or the local snapshot of a hub id (downloaded only when the workflow
     runs online, HF_HUB_OFFLINE=0)."""
@@ -142,7 +147,7 @@ def checkpoint_dir_of(location: str | Path) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(location), local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") == "1",
+    return Path(snapshot_download(str(location), local_files_only=hub_offline(),
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
 
 

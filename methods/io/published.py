@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from methods.io.checkpoint import hub_offline
+
 # PyTorch pickles and other formats that are never linked: safetensors are linked, pickles converted.
 _NOT_LINKED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _NOT_LINKED = {"pytorch_model.bin.index.json", "manifest.json"}
@@ -50,10 +52,6 @@ VOCAB_RULES = ("strict", "resize-base")
 
 class PublishedCheckpointError(ValueError):
     """A published checkpoint cannot serve as a task's model; the message names the config key."""
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "1") == "1"
 
 
 def fetch(entry: dict, where: str) -> tuple[Path, dict]:
@@ -70,7 +68,7 @@ def fetch(entry: dict, where: str) -> tuple[Path, dict]:
     from huggingface_hub import snapshot_download
 
     def snapshot(patterns: list[str]) -> Path:
-        return Path(snapshot_download(entry["id"], revision=entry.get("revision"), local_files_only=_offline(),
+        return Path(snapshot_download(entry["id"], revision=entry.get("revision"), local_files_only=hub_offline(),
                                       allow_patterns=patterns))
 
     try:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from methods.data.lm_eval_scored import has_suite_data
 from methods.evaluate.multitask import normalized
 from methods.io.checkpoint import atomic_file
 from methods.report.cost import collect_costs, cost_per_variant
@@ -191,7 +192,7 @@ def significance_section(metrics: pd.DataFrame, report_dir: Path) -> list[str]:
                 "Not computed: this metrics.csv has no `samples` column; delete it and re-run to aggregate again.", ""]
     # lm-eval tasks by name, and tasks scored only through them (instruct, code), have no per-example
     # outputs of their own to pair
-    own = metrics["task"].map(lambda t: not t.startswith("lm-eval:") and get_task(t).source != "lm-eval")
+    own = metrics["task"].map(lambda t: not t.startswith("lm-eval:") and has_suite_data(t))
     primary = metrics[metrics["is_primary"] & own.astype(bool)]
     comparisons = []
     for stage, baseline in (("prune", "dare"), ("quantize", "rtn")):

@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from methods import registry  # noqa: E402
-from methods.data.lm_eval_scored import has_suite_data  # noqa: E402
+from methods.data.lm_eval_scored import SOURCE as LM_EVAL_SOURCE, has_suite_data  # noqa: E402
+from methods.io.checkpoint import hub_offline  # noqa: E402
 from methods.io.sources import package_checkpoint  # noqa: E402
 from methods.prune.fit import DATA_DRIVEN, Q_METHODS  # noqa: E402
 from methods.tasks import get_task  # noqa: E402
@@ -142,19 +143,26 @@ def _check_model_sources() -> None:
                 package_checkpoint(model["package"])
             except (ImportError, FileNotFoundError) as error:
                 raise registry.MethodConfigError(f"models.{name}.package: {error}") from None
-        elif model["source"] == "local":
-            path = Path(model["path"])
-            if not (path / "config.json").is_file():
-                raise registry.MethodConfigError(
-                    f"models.{name}.path: {str(path)!r} is not a checkpoint directory (no config.json there)")
-        elif model["source"] == "hub" and os.environ.get("HF_HUB_OFFLINE", "1") == "1":
-            from huggingface_hub import try_to_load_from_cache
+        else:
+            _check_checkpoint_source(model, f"models.{name}", ", or use source: local with a checkpoint directory")
 
-            if not isinstance(try_to_load_from_cache(model["id"], "config.json"), str):
-                raise registry.MethodConfigError(
-                    f"models.{name}.id: {model['id']!r} is not in the local Hugging Face cache and the workflow "
-                    "runs offline (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it, or use "
-                    "source: local with a checkpoint directory")
+
+def _check_checkpoint_source(entry: dict, where: str, alternative: str = "") -> None:
+    """A checkpoint named by a config entry (``where``): a local directory must hold config.json; a
+    hub id (at ``revision``, if given) must be in the Hugging Face cache when the workflow runs
+    offline. ``alternative`` ends the hub message with what else the user can do."""
+    if entry["source"] == "local":
+        path = Path(entry["path"])
+        if not (path / "config.json").is_file():
+            raise registry.MethodConfigError(
+                f"{where}.path: {str(path)!r} is not a checkpoint directory (no config.json there)")
+    elif entry["source"] == "hub" and hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(entry["id"], "config.json", revision=entry.get("revision")), str):
+            raise registry.MethodConfigError(
+                f"{where}.id: {entry['id']!r} is not in the local Hugging Face cache and the workflow runs "
+                f"offline (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it{alternative}")
 
 
 def _check_finetuned() -> None:
@@ -176,19 +184,7 @@ def _check_finetuned() -> None:
                 raise registry.MethodConfigError(
                     f"models.{name}.finetuned.{task}: {task!r} is not one of the model's tasks ({model['tasks']})")
         for task, entry in published.items():
-            where = f"models.{name}.finetuned.{task}"
-            if entry["source"] == "local":
-                if not (Path(entry["path"]) / "config.json").is_file():
-                    raise registry.MethodConfigError(
-                        f"{where}.path: {entry['path']!r} is not a checkpoint directory (no config.json there)")
-            elif os.environ.get("HF_HUB_OFFLINE", "1") == "1":
-                from huggingface_hub import try_to_load_from_cache
-
-                if not isinstance(try_to_load_from_cache(entry["id"], "config.json",
-                                                         revision=entry.get("revision")), str):
-                    raise registry.MethodConfigError(
-                        f"{where}.id: {entry['id']!r} is not in the local Hugging Face cache and the workflow runs "
-                        "offline (HF_HUB_OFFLINE=1); run with HF_HUB_OFFLINE=0 to download it")
+            _check_checkpoint_source(entry, f"models.{name}.finetuned.{task}")
         for task in model["tasks"]:
             if has_suite_data(task):
                 continue
@@ -251,7 +247,7 @@ def _check_data_sources() -> None:
     for name, model in config["models"].items():
         for task in model["tasks"]:
             family = get_task(task).source
-            if family in ("zoo", "lm-eval"):  # generated, or no data of the suite at all
+            if family in ("zoo", LM_EVAL_SOURCE):  # generated, or no data of the suite at all
                 continue
             settings = config.get("data", {}).get(family)
             if not settings:
