@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from methods.data.lm_eval_scored import has_suite_data
 from methods.io.checkpoint import align_names, atomic_file, load_state_dict, write_json
 from methods.io.job import job
 from methods.prune.apply import DEFAULT_EXCLUDE
@@ -16,14 +17,16 @@ with job(snakemake.log[0], snakemake.threads) as log:
     finetuned = load_state_dict(inputs.finetuned)
     base = align_names(load_state_dict(params.base), finetuned, f"diagnostics {wc.model}/{wc.task}")
     exclude = DEFAULT_EXCLUDE[params.arch]  # the tensors the papers' DPP touches
-    spec = get_task(wc.task)
-    model, tokenizer = load_task_model(inputs.finetuned, spec)
-    batches = input_batches(tokenizer, spec, Path(inputs.calibration), CALIBRATION_EXAMPLES, params.batch_size,
-                            params.max_length)
-    # a task without data of the suite (instruct, code) has no inputs: statistics of the delta alone
-    means = input_means(collect_input_stats(model, batches)) if batches else None
-    if not batches:
-        log.info("%s has no calibration inputs: no activation-weighted statistics", wc.task)
+    means = None
+    if has_suite_data(wc.task):
+        spec = get_task(wc.task)
+        model, tokenizer = load_task_model(inputs.finetuned, spec)
+        batches = input_batches(tokenizer, spec, Path(inputs.calibration), CALIBRATION_EXAMPLES, params.batch_size,
+                                params.max_length)
+        means = input_means(collect_input_stats(model, batches)) if batches else None
+        del model
+    else:  # a task without data of the suite (instruct, code): no inputs, so no model to load
+        log.info("%s has no calibration inputs: statistics of the delta alone", wc.task)
     tensors, layers, recommendations = diagnose(base, finetuned, exclude=exclude, input_means=means,
                                                 drop_rates=params.drop_rates, arch=params.arch)
     for path, rows in ((output.tensors, tensors), (output.layers, layers)):
