@@ -6,11 +6,14 @@ tensors, but both read the inputs block by block (``read_elements`` per tensor a
 sharded safetensors (``methods.io.streaming.LazyCheckpoint``), compute on chunks of
 ``chunk_elements`` and write the output shard by shard, atomically (``ShardedWriter``). Memory is
 a fixed set of reused buffers sized by those two numbers — a few tens of MB — whatever the model
-size. A reader thread reads the next blocks and prepares them (merges: float32 conversion and
-deltas; DARE: its random numbers come from a third thread) while the main thread computes and
-writes the current one; every intermediate lives in a reused buffer (``_Buffers``), because fresh
-tensors per chunk make the allocator return memory to the system and fault it in again, which
-costs more than the arithmetic.
+size. A reader thread reads the next blocks and prepares them (task arithmetic: float32
+conversion; DARE: its random numbers come from a third thread) while the main thread computes and
+writes the current one; TIES, whose arithmetic outweighs the reading, computes whole blocks in
+``workers`` threads at once (``compute_workers``) and the main thread only writes them, in order.
+Every intermediate lives in a reused buffer (``_Buffers``), because fresh tensors per chunk make
+the allocator return memory to the system and fault it in again, which costs more than the
+arithmetic. Reading and writing go through ``O_DIRECT`` where the file system has it
+(``methods.io.direct``): a streamed file is read once, so filling the page cache is pure cost.
 
 Results are bit-identical to the in-memory implementations (tests/test_streaming.py compares
 them on sharded random checkpoints with chunk sizes that split every tensor): the per-tensor math
@@ -28,7 +31,7 @@ are several times slower on CPU; each such rewrite says why it is exact):
   ``ties`` (``semantics: paper``) is streamed exactly at both granularities. The trim threshold
   of each task vector — the ``keep_count``-th largest |δ| over the whole model (``granularity:
   model``) or one tensor (``tensor``) — comes from a window search (``_WindowSearch``): a sample
-  pass over 1/16 of the data brackets it, one full pass counts the |δ| above the window and
+  pass over a small part of the data (4M values) brackets it, one full pass counts the |δ| above the window and
   histograms the float32 bit patterns inside it (non-negative floats order like their bits), and
   the threshold is read off exactly — or, if it fell outside the window, from the exact two-pass
   radix selection (``_Selection``). The merge pass then trims, elects, takes the disjoint mean
@@ -59,15 +62,19 @@ finite (the rewrites assume it; a NaN would reach the output and be refused by t
 the in-memory TIES would silently trim it away).
 
 Threads: the functions leave ``torch.set_num_threads`` alone. On a 2-core machine one torch
-thread plus the reader thread is the fast configuration (bench/README.md).
+thread plus the reader thread is the fast configuration (bench/README.md); TIES's ``workers``
+default fills the cores the process may use with torch threads (two on a 2-core machine with one
+torch thread each).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import struct
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -210,14 +217,22 @@ class _Buffers:
 
     def __init__(self):
         self._store: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}   # the last view handed out, per tag, shape, dtype
 
     def __call__(self, tag: str, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        view = self._views.get((tag, shape, dtype))
+        if view is not None:  # a dict lookup instead of three tensor calls: chunks repeat their shapes
+            return view
         nbytes = math.prod(shape) * dtype.itemsize
         store = self._store.get(tag)
         if store is None or store.numel() < nbytes:
             store = self._store[tag] = torch.empty(max(nbytes, 8), dtype=torch.uint8)
-        return store[:nbytes].view(dtype).view(shape)
+            self._views = {key: v for key, v in self._views.items() if key[0] != tag}
+        if len(self._views) > 4096:  # many tensor shapes (whole-tensor routes): start over
+            self._views.clear()
+        view = self._views[(tag, shape, dtype)] = store[:nbytes].view(dtype).view(shape)
+        return view
 
     def read(self, checkpoint: LazyCheckpoint, tag: str, name: str, start: int, stop: int) -> torch.Tensor:
         """``checkpoint.read`` into this set's buffer ``tag``."""
@@ -225,17 +240,42 @@ class _Buffers:
         return checkpoint.read(name, start, stop, out=self(tag, (stop - start) * size, torch.uint8))
 
 
-def _prefetch(jobs: Iterable, read: Callable, depth: int) -> Iterator[tuple]:
-    """(job, read(job, buffers)) in order, with up to ``depth`` reads running ahead in one thread.
-    ``buffers`` is one of depth + 2 ``_Buffers`` sets used in turn: a set is reused only after
-    the consumer has moved past the job that was read into it."""
+class _ThreadBuffers:
+    """One ``_Buffers`` set per thread, for the scratch of the chunks a thread computes (the
+    per-job sets of ``_prefetch`` hold only what outlives the computation); dropped with this
+    object and the threads."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __call__(self) -> _Buffers:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = _Buffers()
+        return buffers
+
+
+def _prefetch(jobs: Iterable, read: Callable, depth: int, prepare: Callable | None = None,
+              workers: int = 1) -> Iterator[tuple]:
+    """(job, result) in job order, with up to ``depth`` jobs running ahead of the consumer.
+
+    ``read(job, buffers)`` runs in one reader thread, job after job, so each file is read front
+    to back; without ``prepare`` the result is what it returns. With ``prepare``, the result is
+    ``prepare(job, read's result, buffers)``, run in a pool of ``workers`` threads (torch releases
+    the GIL, so the chunks of several jobs are computed at once). ``buffers`` is one of depth + 2
+    ``_Buffers`` sets used in turn: a set is reused only after the consumer has moved past the job
+    that was read into it."""
     jobs = iter(jobs)
     slots = [_Buffers() for _ in range(max(depth, 0) + 2)]
     if depth <= 0:
         for job in jobs:
-            yield job, read(job, slots[0])
+            result = read(job, slots[0])
+            yield job, result if prepare is None else prepare(job, result, slots[0])
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="dcbench-read") as pool:
+    with contextlib.ExitStack() as pools:
+        reader = pools.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dcbench-read"))
+        pool = None if prepare is None else \
+            pools.enter_context(ThreadPoolExecutor(max(workers, 1), thread_name_prefix="dcbench-prepare"))
         pending: deque = deque()
         submitted = 0
 
@@ -243,7 +283,11 @@ def _prefetch(jobs: Iterable, read: Callable, depth: int) -> Iterator[tuple]:
             nonlocal submitted
             job = next(jobs, None)
             if job is not None:
-                pending.append((job, pool.submit(read, job, slots[submitted % len(slots)])))
+                buffers = slots[submitted % len(slots)]
+                future = reader.submit(read, job, buffers)
+                if pool is not None:
+                    future = pool.submit(lambda j, f, b: prepare(j, f.result(), b), job, future, buffers)
+                pending.append((job, future))
                 submitted += 1
 
         for _ in range(depth):
@@ -256,6 +300,23 @@ def _prefetch(jobs: Iterable, read: Callable, depth: int) -> Iterator[tuple]:
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+def _pool_depth(prefetch: int, workers: int) -> int:
+    """Jobs in flight when ``workers`` threads prepare them: the results are taken in order, so
+    a worker that finished early needs jobs queued behind the slowest one to stay busy."""
+    return prefetch + 4 * workers if prefetch > 0 else 0
+
+
+def compute_workers() -> int:
+    """Threads that compute chunks at once: enough to fill the cores this process may use with
+    ``torch.get_num_threads()`` threads each (one torch thread per core: two on a 2-core machine;
+    at most 4, beyond which the reading is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // max(torch.get_num_threads(), 1)))
 
 
 def _base_names(base: LazyCheckpoint, reference: LazyCheckpoint, where: str) -> dict[str, str]:
@@ -472,8 +533,12 @@ class _MergeInputs:
         Returns (θ₀ float32 for the block, [(offset, stop, stack), ...]) with block-relative
         offsets; the main thread only merges. ``subtract=False`` leaves f32(θ_t) in the stack (the
         main thread subtracts, when the merge itself is lighter than the reading)."""
-        base_raw, models_raw = self.read(key, start, stop, buffers)
-        n, n_models = stop - start, len(self.models)
+        return self.deltas(*self.read(key, start, stop, buffers), buffers, chunk, subtract)
+
+    def deltas(self, base_raw: torch.Tensor, models_raw: list[torch.Tensor], buffers: _Buffers, chunk: int,
+               subtract: bool = True):
+        """``read_deltas`` of a block already read (``read`` into the same ``buffers``)."""
+        n, n_models = base_raw.numel(), len(models_raw)
         base32 = buffers("base32", n, _F32).copy_(base_raw)
         flat = buffers("stacks", n_models * n, _F32)
         parts = []
@@ -577,7 +642,8 @@ class _Selection:
 
 
 def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Tensor, scale: float,
-                    dtype: torch.dtype, ws: _Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    dtype: torch.dtype, ws: _Buffers | None = None, tag: str = "",
+                    out_ws: _Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``disjoint_mean`` + ``apply_delta`` with resolved signs γ ∈ {−1, +1}, cast to ``dtype``;
     ``trimmed`` is left as it is. Returns (the merged chunk, the number of agreeing models
     (float32)).
@@ -587,7 +653,8 @@ def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Te
     in the same order, and a sum of same-signed terms is the negation of the sum of their
     magnitudes, bit for bit; the ±0 terms are absorbed by the sum's +0 start (as the +0.0 that
     the original puts there), and + 0.0 turns the −0 of "nothing agrees, γ = −1" into the
-    original's +0. Float arithmetic instead of boolean masks: several times faster on CPU."""
+    original's +0. Float arithmetic instead of boolean masks: several times faster on CPU. The
+    result is ``out_ws``'s buffer "out" + ``tag`` (default: ``ws``'s), the rest scratch of ``ws``."""
     ws = ws or _Buffers()
     shape, n = trimmed.shape, trimmed.shape[1]
     product = torch.mul(trimmed, gamma, out=ws("product", shape, _F32)).clamp_min_(0.0)   # P_t
@@ -597,7 +664,7 @@ def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Te
     merged.div_(torch.clamp_min(count, 1.0, out=ws("divisor", n, _F32)))  # / their count (≥ 1)
     merged.mul_(scale)                                                  # θ₀ + λ·τ_m
     merged.add_(base32)
-    return ws("out", n, dtype).copy_(merged), count
+    return (out_ws or ws)("out" + tag, n, dtype).copy_(merged), count
 
 
 def _ties_elect(trimmed: torch.Tensor, thresholds: list, ws: _Buffers, tag: str = "") -> tuple:
@@ -620,7 +687,8 @@ def _ties_elect(trimmed: torch.Tensor, thresholds: list, ws: _Buffers, tag: str 
 
 
 def _ties_chunk(base32: torch.Tensor, trimmed: torch.Tensor, elected: tuple, scale: float,
-                dtype: torch.dtype, ws: _Buffers) -> tuple[torch.Tensor, int, tuple | None]:
+                dtype: torch.dtype, ws: _Buffers, tag: str = "",
+                out_ws: _Buffers | None = None) -> tuple[torch.Tensor, int, tuple | None]:
     """Paper TIES on one chunk (``ties_paper``'s trim, ``elect_sign``, ``resolve_zero_signs``,
     ``disjoint_mean`` and ``apply_delta`` with float32 operations that give the same bits, into
     reused buffers, branch-free; the deltas are finite), given ``_ties_elect``'s result.
@@ -630,7 +698,7 @@ def _ties_chunk(base32: torch.Tensor, trimmed: torch.Tensor, elected: tuple, sca
     the majority vote) and, for the positions where the majority matters (Σ τ̂ = 0 but some τ̂ ≠
     0, i.e. some τ̂ > 0 and some < 0), their indices and their values under majority −1."""
     gamma, tied, gamma_sum = elected
-    out, count = _disjoint_merge(trimmed, gamma, base32, scale, dtype, ws)
+    out, count = _disjoint_merge(trimmed, gamma, base32, scale, dtype, ws, tag, out_ws)
     # majority +1 counted the τ̂ > 0 of a tied position: the majority matters where there are any
     matters = tied.mul_(count)
     alternative = None
@@ -646,7 +714,7 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                  vocab_rule: str = "base", keep_unmerged: bool = True,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  template_dir: str | Path | None = None, prefetch: int = DEFAULT_PREFETCH,
-                 read_elements: int | None = None) -> dict:
+                 read_elements: int | None = None, workers: int | None = None) -> dict:
     """Merge ``models`` (name → checkpoint) on ``base`` with a merge method into ``out_dir``.
 
     Same semantics as ``merge_state_dicts(method, base, models, params, seed=, exclude=,
@@ -704,15 +772,31 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
 
         def read(job, buffers: _Buffers):
             key, start, stop = job
-            if routes[key] == "ties" and ties_model and key in ready:
-                # thresholds known before this pass: the reader trims and elects too
-                base32, parts = inputs.read_deltas(key, start, stop, buffers, chunk_elements)
-                return base32, [(a, c, stack, _ties_elect(stack, thresholds[None], buffers, str(a)))
-                                for a, c, stack in parts]
-            if routes[key] in ("deltas", "ties"):
-                return inputs.read_deltas(key, start, stop, buffers, chunk_elements, subtract=routes[key] == "ties")
+            if routes[key] == "deltas":
+                return inputs.read_deltas(key, start, stop, buffers, chunk_elements, subtract=False)
             return inputs.read(key, start, stop, None if routes[key] == "whole" else buffers,
                                with_models=routes[key] != "copy")
+
+        def to_deltas(raw, buffers: _Buffers):
+            return inputs.deltas(*raw, buffers, chunk_elements)
+
+        def prepare(job, raw, buffers: _Buffers):
+            """TIES blocks, in the worker threads: the deltas; and when the thresholds are known
+            before the pass (granularity "model"), the whole merge of each chunk."""
+            key = job[0]
+            if routes[key] != "ties":
+                return raw
+            if key not in ready:  # the main thread merges: the deltas outlive this call
+                return to_deltas(raw, buffers)
+            ws = scratch()
+            base32, parts = to_deltas(raw, ws)
+            return base32, [(a, c, stack, _ties_chunk(base32[a:c], stack, _ties_elect(stack, thresholds[None], ws),
+                                                      params["scale"], dtype[key], ws, str(a), out_ws=buffers))
+                            for a, c, stack in parts]
+
+        scratch = _ThreadBuffers()
+        workers = compute_workers() if workers is None else max(1, workers)
+        depth = _pool_depth(prefetch, workers)
 
         n_models = len(names)
         thresholds: dict = {}
@@ -721,9 +805,9 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
         granularity = params.get("granularity")
         ready: set = set()   # keys whose merge-pass blocks the reader may trim (thresholds known)
         if ties_model:  # thresholds over the whole model, before anything is written
-            ties_routes.update(_ties_thresholds([k for k in order if routes[k] == "ties"], ranges, read, numel,
-                                                n_models, params["density"], "model", thresholds, prefetch,
-                                                chunk_elements))
+            ties_routes.update(_ties_thresholds([k for k in order if routes[k] == "ties"], ranges, read, to_deltas,
+                                                numel, n_models, params["density"], "model", thresholds, prefetch,
+                                                chunk_elements, workers))
             ready.update(order)
 
         with contextlib.ExitStack() as stack, \
@@ -734,15 +818,17 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
             sink = None
             ws = _Buffers()
             jobs = [(key, a, b) for key in order for a, b in ranges(key)]
-            for (key, start, stop), (base_chunk, model_chunks) in _prefetch(jobs, read, prefetch):
+            for (key, start, stop), (base_chunk, model_chunks) in _prefetch(
+                    jobs, read, depth, prepare if ties_stream else None, workers):
                 r = routes[key]
                 if start == 0:
                     if r == "ties" and granularity == "tensor" and stop == numel[key]:  # one read: in memory
                         thresholds[key] = _thresholds_in_memory([part[2] for part in model_chunks],
                                                                 params["density"])
                     elif r == "ties" and granularity == "tensor":  # this tensor's thresholds
-                        ties_routes.update(_ties_thresholds([key], ranges, read, numel, n_models, params["density"],
-                                                            "tensor", thresholds, prefetch, chunk_elements))
+                        ties_routes.update(_ties_thresholds([key], ranges, read, to_deltas, numel, n_models,
+                                                            params["density"], "tensor", thresholds, prefetch,
+                                                            chunk_elements, workers))
                     sink = writer.tensor(key, dtype[key], shape[key])
                 if r == "copy":
                     out = base_chunk
@@ -757,15 +843,15 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                     base32, models32 = _f32_dicts(key, base_chunk[a:c], [m[a:c] for m in model_chunks])
                     sink.write(spec.fn(base32, models32, names=names, seed=seed, score_fn=None, info=extra,
                                        **params)[key].to(dtype[key]))
-                for a, c, stack, *elected in (model_chunks if r in ("deltas", "ties") else []):
+                for a, c, stack, *merged_chunk in (model_chunks if r in ("deltas", "ties") else []):
                     base32 = base_chunk[a:c]          # θ₀ (float32) and the (T, n) deltas of one chunk
                     if r == "deltas":
                         stack.sub_(base32)            # θ_t − θ₀ (the reader left f32(θ_t))
                         out = _task_arithmetic_chunk(base32, stack, params["scale"], dtype[key], ws)
                     else:
                         group = key if granularity == "tensor" else None
-                        elected = elected[0] if elected else _ties_elect(stack, thresholds[group], ws)
-                        out, gamma_sum, tied = _ties_chunk(base32, stack, elected, params["scale"], dtype[key], ws)
+                        out, gamma_sum, tied = merged_chunk[0] if merged_chunk else _ties_chunk(
+                            base32, stack, _ties_elect(stack, thresholds[group], ws), params["scale"], dtype[key], ws)
                         gamma_sums[group] = gamma_sums.get(group, 0) + gamma_sum
                         if tied is not None:
                             patches.add(key_ids[key], tied[0] + start + a, tied[1])
@@ -795,8 +881,8 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
 class _WindowSearch:
     """The exact trim thresholds of paper TIES for one group of tensors in one full pass.
 
-    A sample pass (the first 1/``SAMPLE_STRIDE`` of every read block, at most ``CAP`` values per
-    model) estimates each model's threshold and brackets it by a window
+    A sample pass (the first 1/``SAMPLE_STRIDE`` of every k-th read block, about ``SAMPLE_READ``
+    values, strided down to at most ``CAP`` values per model) estimates each model's threshold and brackets it by a window
     [lo, hi] of sample quantiles, at most ``WIDTH`` float32 bit patterns wide. The full pass counts
     the |δ| above hi and histograms the bit patterns of the |δ| inside the window (one bin per
     representable float32 value, so ties are counted, not stored). The threshold is then the
@@ -813,8 +899,10 @@ class _WindowSearch:
     hi_bits: torch.Tensor | None = None
     above: torch.Tensor | None = None       # (T,) int64: |δ| > hi
     hist: torch.Tensor | None = None        # (T, WIDTH) int64: |δ| with bits lo + i
+    _ones: torch.Tensor | None = None
 
-    SAMPLE_STRIDE = 16    # the sample pass reads 1/16 of the data
+    SAMPLE_STRIDE = 16    # the sample pass reads the first 1/16 of the blocks it samples
+    SAMPLE_READ = 1 << 22  # ... and samples every k-th block, so as to read about this many values
     CAP = 1 << 18         # sampled values per model (rank error ~0.1%: the window is far wider)
     WIDTH = 1 << 20       # bit patterns per window (a relative width of ~12% at the top of a binade)
 
@@ -874,19 +962,35 @@ class _WindowSearch:
         self.above = torch.zeros(self.n_models, dtype=torch.int64)
         self.hist = torch.zeros((self.n_models, width), dtype=torch.int64)
 
-    def observe(self, stack: torch.Tensor, ws: _Buffers) -> None:
+    def measure(self, stack: torch.Tensor, ws: _Buffers, out_ws: _Buffers | None = None, tag: str = "") -> tuple:
+        """What one chunk adds to the counts: (#(|δ| > hi) per model, each model's window offsets
+        of its |δ| inside the window, in ``ws``). Reads the window only, so chunks can be measured
+        in several threads at once; ``accumulate`` adds the results up, in one thread. The offsets
+        live in ``out_ws`` (default ``ws``), under ``tag``; the rest is scratch of ``ws``."""
         shape = stack.shape
         bits = torch.bitwise_and(stack.view(torch.int32), _ABS_BITS, out=ws("bits", shape, torch.int32))  # |δ|
         # integer sign tricks (faster than boolean comparisons on CPU): −1 where bits > hi / < lo
         above = torch.sub(self.hi_bits, bits, out=ws("above", shape, torch.int32)).bitwise_right_shift_(31)
-        self.above -= above.sum(dim=1)
+        counts = above.sum(dim=1).neg_()
         outside = torch.sub(bits, self.lo_bits, out=ws("outside", shape, torch.int32)).bitwise_right_shift_(31)
         inside = ws("inside", shape, torch.bool).copy_(outside.bitwise_or_(above).bitwise_not_())
+        offsets = []
         for t in range(self.n_models):
-            offsets = _masked(bits[t], inside[t], ws).sub_(int(self.lo_bits[t]))
-            if offsets.numel():  # count into the window's bins (a bincount would rewrite all of them)
-                index = ws("offsets", offsets.numel(), torch.int64).copy_(offsets)
-                self.hist[t].index_add_(0, index, ws("ones", offsets.numel(), torch.int64).fill_(1))
+            found = _masked(bits[t], inside[t], ws).sub_(int(self.lo_bits[t]))
+            offsets.append((out_ws or ws)(f"offsets{tag}/{t}", found.numel(), torch.int64).copy_(found))
+        return counts, offsets
+
+    def accumulate(self, measured: tuple) -> None:
+        counts, offsets = measured
+        self.above += counts
+        for t, index in enumerate(offsets):
+            if index.numel():  # count into the window's bins (a bincount would rewrite all of them)
+                if self._ones is None or self._ones.numel() < index.numel():
+                    self._ones = torch.ones(index.numel(), dtype=torch.int64)
+                self.hist[t].index_add_(0, index, self._ones[:index.numel()])
+
+    def observe(self, stack: torch.Tensor, ws: _Buffers) -> None:
+        self.accumulate(self.measure(stack, ws))
 
     def resolve(self) -> list[float] | None:
         """The thresholds when every one fell inside its window, else None."""
@@ -917,11 +1021,15 @@ def _thresholds_in_memory(stacks: list[torch.Tensor], density: float) -> list:
     return selection.finish()
 
 
-def _ties_thresholds(keys: list[str], ranges, read, numel: dict[str, int], n_models: int, density: float,
-                     granularity: str, thresholds: dict, prefetch: int, chunk: int) -> dict:
+def _ties_thresholds(keys: list[str], ranges, read, to_deltas, numel: dict[str, int], n_models: int,
+                     density: float, granularity: str, thresholds: dict, prefetch: int, chunk: int,
+                     workers: int = 1) -> dict:
     """The trim thresholds of paper TIES over ``keys`` into ``thresholds``: one group per tensor
-    (granularity "tensor") or one for all (``None``, "model"). Returns how each group's
-    thresholds were found ("known", "window" or "histogram"), for tests and logs."""
+    (granularity "tensor") or one for all (``None``, "model"). ``read(job, buffers)`` reads a
+    block, ``to_deltas(read's result, buffers)`` makes it (θ₀, [(offset, stop, (T, n) deltas)])
+    (``_MergeInputs.read`` and ``.deltas``); ``workers`` threads prepare blocks at once. Returns
+    how each group's thresholds were found ("known", "window" or "histogram"), for tests and
+    logs."""
     group_of = (lambda k: k) if granularity == "tensor" else (lambda k: None)
     searches: dict = {}
     for key in keys:
@@ -939,21 +1047,35 @@ def _ties_thresholds(keys: list[str], ranges, read, numel: dict[str, int], n_mod
         return routes
     jobs = [(key, a, b) for key in keys if group_of(key) in searching for a, b in ranges(key)]
 
-    ws = _Buffers()
-
     def stacks(job_list):
-        for (key, _, _), (_, parts) in _prefetch(job_list, read, prefetch):
+        prepare = lambda job, raw, buffers: to_deltas(raw, buffers)[1]  # noqa: E731
+        for (key, _, _), parts in _prefetch(job_list, read, prefetch, prepare, workers):
             for _, _, stack in parts:
                 yield key, stack
+
+    scratch = _ThreadBuffers()
+
+    def measured(job_list):  # the full pass: each chunk measured against its group's window
+        def prepare(job, raw, buffers):
+            search = searching[group_of(job[0])]
+            ws = scratch()
+            return [search.measure(stack, ws, buffers, str(a)) for a, _, stack in to_deltas(raw, ws)[1]]
+        for (key, _, _), parts in _prefetch(job_list, read, _pool_depth(prefetch, workers), prepare, workers):
+            for part in parts:
+                yield key, part
 
     by_group: dict = {}
     for job in jobs:
         by_group.setdefault(group_of(job[0]), []).append(job)
     sample_jobs, strides, picked_chunks = [], {}, {}
     for group, group_jobs in by_group.items():
-        # the first 1/16 of every read: spread over the whole group, 1/16 of the data
+        # the first 1/16 of every k-th read, spread over the whole group: about SAMPLE_READ
+        # values per model (the cost of a read is mostly its latency, so fewer reads, not
+        # shorter ones)
+        total = sum(b - a for _, a, b in group_jobs)
+        every = max(1, total // _WindowSearch.SAMPLE_STRIDE // _WindowSearch.SAMPLE_READ)
         picked = [(key, a, a + max(1, (b - a) // _WindowSearch.SAMPLE_STRIDE)) if b > a else (key, a, b)
-                  for key, a, b in group_jobs]
+                  for i, (key, a, b) in enumerate(group_jobs) if i % every == 0]
         sample_jobs += picked
         strides[group] = _WindowSearch.sample_stride(sum(b - a for _, a, b in picked))
         picked_chunks[group] = sum(len(_sub_ranges(a, b, chunk)) for _, a, b in picked)
@@ -962,8 +1084,8 @@ def _ties_thresholds(keys: list[str], ranges, read, numel: dict[str, int], n_mod
         searching[group].add_sample(stack, strides[group], picked_chunks[group])
     for search in searching.values():
         search.set_window()
-    for key, stack in stacks(jobs):                                   # full pass: window histograms
-        searching[group_of(key)].observe(stack, ws)
+    for key, part in measured(jobs):                                  # full pass: window histograms
+        searching[group_of(key)].accumulate(part)
     fallback = {}
     for group, search in searching.items():
         found = search.resolve()

@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,18 @@ def finished_run(tmp_path_factory):
     result = run_snakemake(workdir, "--configfile", config, "--cores", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, config
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"dcbench-{uuid.uuid4().hex[:8]}", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)

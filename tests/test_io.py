@@ -2,9 +2,6 @@
 
 import errno
 import os
-import shutil
-import subprocess
-import uuid
 
 import pytest
 import torch
@@ -48,21 +45,6 @@ def test_non_finite_weights_are_refused_naming_the_tensor():
     check_finite({"ok": torch.ones(3)}, "here")
     with pytest.raises(NonFiniteWeightsError, match="'layer.bias' has 1 NaN/inf"):
         check_finite({"ok": torch.ones(3), "layer.bias": torch.tensor([1.0, float("nan")])}, "merge x")
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be made."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"dcbench-{uuid.uuid4().hex[:8]}", str(mount)],
-                          capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_full_disk_gives_a_clear_error_and_no_partial_output(tiny_disk):

@@ -465,9 +465,10 @@ def _peak_buffer_bytes(monkeypatch, run) -> int:
                                            ("ties", {"density": 0.2, "granularity": "tensor"}),
                                            ("task-arithmetic", {})])
 def test_buffers_do_not_grow_with_the_model(tmp_path, monkeypatch, method, params):
-    """The same chunk size streams a model 6 times larger with the same buffers."""
+    """The same chunk size streams a model 6 times larger with the same buffers (the small
+    model's large tensors already span more reads than the reader keeps in flight)."""
     small, large = tmp_path / "small", tmp_path / "large"
-    for root, vocab in ((small, 200), (large, 1600)):
+    for root, vocab in ((small, 800), (large, 6400)):
         g = torch.Generator().manual_seed(0)
         base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes(vocab).items()}
         write_sharded(base, root / "base", 2)

@@ -5,13 +5,16 @@ with the model (methods/stream.py).
 ``model.safetensors.index.json`` with its shards), a single ``.safetensors`` file, or a hub id
 (``checkpoint_dir_of``). It parses the safetensors headers only — names, dtypes, shapes and where
 each tensor's bytes lie — and reads one tensor, or one flat element range of a tensor, at a time
-with positional reads (``os.preadv``) into a fresh buffer. Nothing is memory-mapped, so reading a
-whole model leaves no file pages in the process's RSS, and a read releases the GIL, so a
-prefetching thread overlaps disk reads with computation. The result equals ``safe_open``'s
+into a fresh buffer or the caller's, through ``methods.io.direct.DirectReader`` (``O_DIRECT``
+with read-ahead where the file system has it, ``direct=False`` or no support: plain positional
+reads). Nothing is memory-mapped, so reading a whole model leaves no file pages in the process's
+RSS (nor, read directly, in the page cache), and a read releases the GIL, so a prefetching thread
+overlaps disk reads with computation. The result equals ``safe_open``'s
 ``get_tensor`` / ``get_slice`` (tests/test_streaming.py checks it); ``safe_open`` itself exposes
 neither byte offsets nor reads into a caller's buffer.
 
-``ShardedWriter(out_dir, max_shard_bytes, metadata, template_dir)`` writes tensors as they come,
+``ShardedWriter(out_dir, max_shard_bytes, metadata, template_dir, direct=True)`` writes tensors
+as they come (through ``methods.io.direct.DirectAppender``: ``O_DIRECT`` where available),
 whole (``add``) or chunk by chunk (``tensor(name, dtype, shape)`` → ``write(chunk)``), straight
 into the current shard file: a shard is never held in memory. Each shard reserves
 ``header_bytes`` at its start; when the shard is closed the safetensors header is written there,
@@ -42,6 +45,7 @@ import torch
 
 from methods.io.checkpoint import (WEIGHTS, WEIGHTS_INDEX, CorruptCheckpointError, NonFiniteWeightsError,
                                    atomic_dir, checkpoint_dir_of, copy_template_files, read_json)
+from methods.io.direct import DirectAppender, DirectReader
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
 DTYPES: dict[str, torch.dtype] = {
@@ -75,7 +79,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
@@ -128,7 +132,7 @@ class LazyCheckpoint:
     a time. ``names`` lists the tensors in storage order (shard files in name order, then by byte
     offset), so reading them in that order reads each file front to back."""
 
-    def __init__(self, location: str | Path):
+    def __init__(self, location: str | Path, direct: bool = True):
         path = Path(location)
         weight_map = None
         if path.is_file():
@@ -160,7 +164,7 @@ class LazyCheckpoint:
             if wrong:
                 raise CorruptCheckpointError(f"{self.path / WEIGHTS_INDEX}: {len(wrong)} tensors are not where the "
                                              f"index says, e.g. {next(iter(wrong.items()))}")
-        self._fds: dict[Path, int] = {}
+        self._reader = DirectReader(direct)
 
     # --- metadata ------------------------------------------------------------------------------
     @property
@@ -201,19 +205,11 @@ class LazyCheckpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     # --- data ----------------------------------------------------------------------------------
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            with contextlib.suppress(AttributeError, OSError):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return fd
-
     def read(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor (row-major), as a 1-D tensor of its
         dtype, in a fresh buffer or in ``out`` (a contiguous uint8 tensor of at least the bytes
         read; reusing buffers spares the allocator returning and re-faulting memory every chunk).
-        Thread-safe (positional reads); releases the GIL while reading."""
+        Thread-safe; releases the GIL while reading."""
         info = self.info(name)
         stop = info.numel if stop is None else stop
         if not 0 <= start <= stop <= info.numel:
@@ -225,9 +221,9 @@ class LazyCheckpoint:
             if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < (stop - start) * size:
                 raise ValueError(f"{name!r}: out must be a contiguous uint8 tensor of ≥ {(stop - start) * size} bytes")
             buffer = out.reshape(-1)[:(stop - start) * size]
-        if buffer.numel():
-            _read_into(self._fd(info.file), memoryview(buffer.numpy()), info.offset + start * size,
-                       f"{info.file} tensor {name!r}")
+        if buffer.numel() and self._reader.read_into(info.file, info.offset + start * size,
+                                                     memoryview(buffer.numpy())) < buffer.numel():
+            raise CorruptCheckpointError(f"{info.file} tensor {name!r}: unexpected end of file (truncated?)")
         return buffer.view(info.dtype)
 
     def get(self, name: str) -> torch.Tensor:
@@ -235,9 +231,7 @@ class LazyCheckpoint:
         return self.read(name).reshape(self.info(name).shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._reader.close()
 
     def __enter__(self) -> "LazyCheckpoint":
         return self
@@ -290,11 +284,10 @@ def all_finite(tensor: torch.Tensor, scratch: torch.Tensor | None = None) -> boo
 
 
 class _Shard:
-    def __init__(self, path: Path, header_bytes: int):
+    def __init__(self, path: Path, header_bytes: int, direct: bool = True):
         self.path = path
         self.header_bytes = header_bytes
-        self.file = open(path, "wb")
-        self.file.seek(header_bytes)
+        self.out = DirectAppender(path, start=header_bytes, direct=direct)
         self.entries: dict[str, dict] = {}
         self.size = 0  # data bytes
 
@@ -309,9 +302,11 @@ class _Shard:
         room = self.header_bytes - 8
         if len(header) > room:  # add() prevents this; a guard against a wrong reservation
             raise RuntimeError(f"{self.path}: header of {len(header)} bytes exceeds the reserved {room}")
-        self.file.seek(0)
-        self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
-        self.file.close()
+        try:
+            self.out.close()
+            os.pwrite(self.out.fd, struct.pack("<Q", room) + header + b" " * (room - len(header)), 0)
+        finally:
+            self.out.release()
 
 
 class TensorSink:
@@ -333,7 +328,7 @@ class TensorSink:
         data = _bytes_of(chunk)
         if self.written + len(data) > self.expected:
             raise ValueError(f"tensor {self.name!r}: more data than its shape {self.shape} holds")
-        self.shard.file.write(data)
+        self.shard.out.write(data)
         self.written += len(data)
 
     def close(self) -> None:
@@ -349,7 +344,7 @@ class ShardedWriter:
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  metadata: dict[str, str] | None = None, template_dir: str | Path | None = None,
-                 check_finite: bool = True, header_bytes: int = HEADER_BYTES):
+                 check_finite: bool = True, header_bytes: int = HEADER_BYTES, direct: bool = True):
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be ≥ 1, got {max_shard_bytes}")
         if header_bytes % 8 or header_bytes < 64:
@@ -360,6 +355,7 @@ class ShardedWriter:
         self.template_dir = Path(template_dir) if template_dir is not None else None
         self.check_finite = check_finite
         self.header_bytes = header_bytes
+        self.direct = direct
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
         self._open: TensorSink | None = None
@@ -397,8 +393,7 @@ class ShardedWriter:
 
     def _abandon(self) -> None:
         for shard in self.shards:
-            if not shard.file.closed:
-                shard.file.close()
+            shard.out.release()
 
     # --- writing ------------------------------------------------------------------------------
     def tensor(self, name: str, dtype: torch.dtype, shape) -> TensorSink:
@@ -423,7 +418,7 @@ class ShardedWriter:
                 shard.close(self.metadata)
                 shard = None
         if shard is None:
-            shard = _Shard(self._tmp / f".shard-{len(self.shards) + 1:05d}", self.header_bytes)
+            shard = _Shard(self._tmp / f".shard-{len(self.shards) + 1:05d}", self.header_bytes, self.direct)
             self.shards.append(shard)
         probe = {name: {**entry, "data_offsets": [shard.size, shard.size + nbytes]}}
         if len(shard.header(self.metadata, probe)) > self.header_bytes - 8:
@@ -462,8 +457,8 @@ class ShardedWriter:
             raise IndexError(f"tensor {name!r}: patch index outside 0..{numel}")
         size = torch.empty((), dtype=dtype).element_size()
         start = shard.header_bytes + entry["data_offsets"][0]
-        if not shard.file.closed:
-            shard.file.flush()
+        if not shard.out.closed:
+            shard.out.sync()
         data = values.contiguous().reshape(-1).view(torch.uint8).numpy()
         block = 1 << 16
         fd = os.open(shard.path, os.O_RDWR)
@@ -482,14 +477,16 @@ class ShardedWriter:
                         os.pwrite(fd, data[i * size:(i + 1) * size], start + int(index[i]) * size)
         finally:
             os.close(fd)
+        if not shard.out.closed:
+            shard.out.reload()
 
     def _finish(self) -> None:
         if self._open is not None:
             raise RuntimeError(f"tensor {self._open.name!r} was not finished")
         if not self.shards:
-            self.shards.append(_Shard(self._tmp / ".shard-00001", self.header_bytes))
+            self.shards.append(_Shard(self._tmp / ".shard-00001", self.header_bytes, self.direct))
         last = self.shards[-1]
-        if not last.file.closed:
+        if not last.out.closed:
             last.close(self.metadata)
         n = len(self.shards)
         names = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
