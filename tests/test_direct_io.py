@@ -192,3 +192,14 @@ def test_a_full_disk_during_a_background_write_is_a_clear_error(tiny_disk):
             sink.close()
     assert caught.value.errno == errno.ENOSPC
     assert os.listdir(tiny_disk) == []
+
+
+def test_empty_reads_and_writes(data_file, tmp_path):
+    path, _ = data_file
+    assert DirectReader().read_into(path, 5, memoryview(bytearray(0))) == 0
+    out = DirectAppender(tmp_path / "e.bin", start=0)
+    out.write(memoryview(b""))
+    out.write(memoryview(bytearray(b"ab")))     # writable: the GIL-free copy
+    out.close()
+    out.release()
+    assert (tmp_path / "e.bin").read_bytes() == b"ab"

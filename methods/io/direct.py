@@ -106,6 +106,8 @@ class DirectReader:
     def read_into(self, file: Path, offset: int, buffer: memoryview) -> int:
         """Read ``len(buffer)`` bytes of ``file`` at ``offset``; returns the bytes read (fewer
         only at the end of the file)."""
+        if not len(buffer):
+            return 0
         with self._lock:
             fd = self._direct_fd(file)
             if fd is not None:
@@ -220,6 +222,7 @@ class DirectAppender:
         self._direct_fd = _open_direct(path, os.O_WRONLY) if direct else None
         size = _up(max(staging_bytes, ALIGN))
         self._buffers = [mmap.mmap(-1, size), mmap.mmap(-1, size)]
+        self._addresses = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in self._buffers]
         self._current = 0
         self._base = _down(start)              # file offset of the current buffer's first byte
         self._fill = start - self._base         # bytes of the current buffer in use (zeros before start)
@@ -234,11 +237,17 @@ class DirectAppender:
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if not len(data):
+            return
+        source = None if data.readonly else ctypes.addressof(ctypes.c_char.from_buffer(data))
         capacity = len(self._buffers[0])
         done = 0
         while done < len(data):
             n = min(len(data) - done, capacity - self._fill)
-            self._buffers[self._current][self._fill:self._fill + n] = data[done:done + n]
+            if source is None:
+                self._buffers[self._current][self._fill:self._fill + n] = data[done:done + n]
+            else:  # releases the GIL, which a slice assignment holds for the whole copy
+                ctypes.memmove(self._addresses[self._current] + self._fill, source + done, n)
             self._fill += n
             done += n
             if self._fill == capacity:
