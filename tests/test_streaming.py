@@ -500,10 +500,10 @@ def test_dare_buffers_do_not_grow_with_the_model(zoo, tmp_path, monkeypatch):
 
 
 def test_streaming_rss_stays_flat(tmp_path):
-    """Streaming a 200 MB pair (base + one fine-tune, 100 MB each in bf16) grows the process's
+    """Streaming a 400 MB pair (base + one fine-tune, 200 MB each in bf16) grows the process's
     peak RSS by far less than one checkpoint (the in-memory path needs both plus float32 copies)."""
     g = torch.Generator().manual_seed(0)
-    state = {f"layers.{i}.weight": torch.randn(2048, 4096, generator=g).to(torch.bfloat16) for i in range(6)}
+    state = {f"layers.{i}.weight": torch.randn(4096, 4096, generator=g).to(torch.bfloat16) for i in range(6)}
     state["embed.weight"] = torch.randn(800, 2048, generator=g).to(torch.bfloat16)
     write_sharded(state, tmp_path / "base", 2)
     for k in state:
@@ -541,10 +541,12 @@ def test_streaming_rss_stays_flat(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     growth = [int(x) for x in result.stdout.split()[-2:]]
-    # chunks of 256K elements (1 MB per float32 buffer), the TIES window histogram (8 MB per model);
-    # one checkpoint is 100 MB, its float32 copy 200 MB (typically 20-40 MB; the bound is one
-    # checkpoint, since allocator arenas of the reader thread add tens of MB on a loaded machine)
-    assert max(growth) < 100e6, f"peak RSS grew by {[g / 1e6 for g in growth]} MB while streaming 2 x 100 MB"
+    # fixed whatever the model size (test_buffers_do_not_grow_with_the_model): the direct-I/O
+    # read-ahead windows (2 x 8 MiB per input) and staging buffers (2 x 4 MiB), the per-job slots
+    # and per-worker scratch of chunks of 256K elements (1 MB per float32 buffer), the TIES window
+    # histogram (8 MB per model), allocator arenas of the threads: 60-110 MB. One checkpoint is
+    # 200 MB, its float32 copy 400 MB.
+    assert max(growth) < 200e6, f"peak RSS grew by {[g / 1e6 for g in growth]} MB while streaming 2 x 200 MB"
     assert len(LazyCheckpoint(tmp_path / "p").names) == 7
 
 
