@@ -31,8 +31,8 @@ are several times slower on CPU; each such rewrite says why it is exact):
   ``ties`` (``semantics: paper``) is streamed exactly at both granularities. The trim threshold
   of each task vector — the ``keep_count``-th largest |δ| over the whole model (``granularity:
   model``) or one tensor (``tensor``) — comes from a window search (``_WindowSearch``): a sample
-  pass over a small part of the data (4M values) brackets it, one full pass counts the |δ| above the window and
-  histograms the float32 bit patterns inside it (non-negative floats order like their bits), and
+  pass over a small part of the data (~4M values) brackets it, one full pass counts the |δ|
+  above the window and histograms the float32 bit patterns inside it (non-negative floats order like their bits), and
   the threshold is read off exactly — or, if it fell outside the window, from the exact two-pass
   radix selection (``_Selection``). The merge pass then trims, elects, takes the disjoint mean
   and writes; since the majority sign that breaks γ = 0 is only known at the end of that pass,
@@ -670,21 +670,19 @@ def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Te
     return (out_ws or ws)("out" + tag, n, dtype).copy_(merged), count
 
 
-def _ties_elect(trimmed: torch.Tensor, thresholds: list, ws: _Buffers, tag: str = "") -> tuple:
+def _ties_elect(trimmed: torch.Tensor, thresholds: list, ws: _Buffers) -> tuple:
     """First half of paper TIES on one chunk: ``trim_to_threshold`` of each model's deltas (in
     place), ``elect_sign`` and ``resolve_zero_signs`` with majority +1. Returns (γ resolved, 1.0
-    where Σ τ̂ = 0 else 0.0, Σγ before resolving). Runs in the reader thread when the thresholds are
-    known before the pass (granularity "model"); ``tag`` keeps the results of the chunks of one
-    block apart."""
+    where Σ τ̂ = 0 else 0.0, Σγ before resolving), in ``ws``."""
     n = trimmed.shape[1]
     scratch = ws("scratch", n, torch.int32)
     for t, threshold in enumerate(thresholds):          # trim_to_threshold
         _trim_(trimmed[t], threshold, scratch)
     total = torch.sum(trimmed, dim=0, out=ws("total", n, _F32))
-    gamma = torch.sign(total, out=ws("gamma" + tag, n, _F32))          # elect_sign
+    gamma = torch.sign(total, out=ws("gamma", n, _F32))                # elect_sign
     # Σγ: a float32 sum of ±1/0 is exact below 2**24 terms
     gamma_sum = int(gamma.sum()) if n < 1 << 24 else int(gamma.sum(dtype=torch.float64))
-    tied = torch.abs(gamma, out=ws("tied" + tag, n, _F32)).neg_().add_(1.0)  # 1 where Σ τ̂ = 0
+    tied = torch.abs(gamma, out=ws("tied", n, _F32)).neg_().add_(1.0)  # 1 where Σ τ̂ = 0
     gamma.add_(tied)                                                    # resolve_zero_signs, majority +1
     return gamma, tied, gamma_sum
 
@@ -808,7 +806,7 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
         gamma_sums: dict = {}
         ties_routes: dict = {}
         granularity = params.get("granularity")
-        ready: set = set()   # keys whose merge-pass blocks the reader may trim (thresholds known)
+        ready: set = set()   # keys whose merge-pass blocks the workers merge (thresholds known)
         if ties_model:  # thresholds over the whole model, before anything is written
             ties_routes.update(_ties_thresholds([k for k in order if routes[k] == "ties"], ranges, read, to_deltas,
                                                 numel, n_models, params["density"], "model", thresholds, prefetch,
@@ -887,8 +885,8 @@ class _WindowSearch:
     """The exact trim thresholds of paper TIES for one group of tensors in one full pass.
 
     A sample pass (the first 1/``SAMPLE_STRIDE`` of every k-th read block, about ``SAMPLE_READ``
-    values, strided down to at most ``CAP`` values per model) estimates each model's threshold and brackets it by a window
-    [lo, hi] of sample quantiles, at most ``WIDTH`` float32 bit patterns wide. The full pass counts
+    values, strided down to at most ``CAP`` values per model) estimates each model's threshold
+    and brackets it by a window [lo, hi] of sample quantiles, at most ``WIDTH`` float32 bit patterns wide. The full pass counts
     the |δ| above hi and histograms the bit patterns of the |δ| inside the window (one bin per
     representable float32 value, so ties are counted, not stored). The threshold is then the
     (k − #above)-th largest value inside the window — exact, provided it falls inside, which is
@@ -969,7 +967,7 @@ class _WindowSearch:
 
     def measure(self, stack: torch.Tensor, ws: _Buffers, out_ws: _Buffers | None = None, tag: str = "") -> tuple:
         """What one chunk adds to the counts: (#(|δ| > hi) per model, each model's window offsets
-        of its |δ| inside the window, in ``ws``). Reads the window only, so chunks can be measured
+        of its |δ| inside the window). Reads the window only, so chunks can be measured
         in several threads at once; ``accumulate`` adds the results up, in one thread. The offsets
         live in ``out_ws`` (default ``ws``), under ``tag``; the rest is scratch of ``ws``."""
         shape = stack.shape
