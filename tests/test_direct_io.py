@@ -93,7 +93,7 @@ def test_appender_writes_the_bytes_appended(tmp_path, use_direct, start):
     for part in parts:
         out.write(memoryview(part))
     out.close()
-    os.pwrite(out.fd, b"H" * start, 0)
+    out.write_at(b"H" * start, 0)
     out.release()
     assert path.read_bytes() == b"H" * start + b"".join(parts)
 

@@ -278,6 +278,11 @@ class DirectAppender:
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
 
+    def write_at(self, data: bytes, offset: int) -> None:
+        """Write ``data`` at ``offset`` through the buffered descriptor (the bytes before
+        ``start``, e.g. a header, once the appended bytes are written: after ``close``)."""
+        self._pwrite_all(self.fd, memoryview(data), offset)
+
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None

@@ -304,7 +304,7 @@ class _Shard:
             raise RuntimeError(f"{self.path}: header of {len(header)} bytes exceeds the reserved {room}")
         try:
             self.out.close()
-            os.pwrite(self.out.fd, struct.pack("<Q", room) + header + b" " * (room - len(header)), 0)
+            self.out.write_at(struct.pack("<Q", room) + header + b" " * (room - len(header)), 0)
         finally:
             self.out.release()
 
