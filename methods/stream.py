@@ -992,9 +992,6 @@ class _WindowSearch:
                     self._ones = torch.ones(index.numel(), dtype=torch.int64)
                 self.hist[t].index_add_(0, index, self._ones[:index.numel()])
 
-    def observe(self, stack: torch.Tensor, ws: _Buffers) -> None:
-        self.accumulate(self.measure(stack, ws))
-
     def resolve(self) -> list[float] | None:
         """The thresholds when every one fell inside its window, else None."""
         thresholds = []
@@ -1050,22 +1047,19 @@ def _ties_thresholds(keys: list[str], ranges, read, to_deltas, numel: dict[str, 
         return routes
     jobs = [(key, a, b) for key in keys if group_of(key) in searching for a, b in ranges(key)]
 
-    def stacks(job_list):
-        prepare = lambda job, raw, buffers: to_deltas(raw, buffers)[1]  # noqa: E731
-        for (key, _, _), parts in _prefetch(job_list, read, prefetch, prepare, workers):
-            for _, _, stack in parts:
-                yield key, stack
-
     scratch = _ThreadBuffers()
 
-    def measured(job_list):  # the full pass: each chunk measured against its group's window
-        def prepare(job, raw, buffers):
-            search = searching[group_of(job[0])]
-            ws = scratch()
-            return [search.measure(stack, ws, buffers, str(a)) for a, _, stack in to_deltas(raw, ws)[1]]
-        for (key, _, _), parts in _prefetch(job_list, read, _pool_depth(prefetch, workers), prepare, workers):
-            for part in parts:
-                yield key, part
+    def prepared(job_list, prepare):  # (key, item) for each item prepare returns per block, in order
+        for (key, _, _), items in _prefetch(job_list, read, _pool_depth(prefetch, workers), prepare, workers):
+            for item in items:
+                yield key, item
+
+    def stacks(job_list):  # the deltas of each chunk, in the job's buffers (used by this thread)
+        return prepared(job_list, lambda job, raw, buffers: [stack for _, _, stack in to_deltas(raw, buffers)[1]])
+
+    def measure(job, raw, buffers):  # the full pass: each chunk measured against its group's window
+        search, ws = searching[group_of(job[0])], scratch()
+        return [search.measure(stack, ws, buffers, str(a)) for a, _, stack in to_deltas(raw, ws)[1]]
 
     by_group: dict = {}
     for job in jobs:
@@ -1087,7 +1081,7 @@ def _ties_thresholds(keys: list[str], ranges, read, to_deltas, numel: dict[str, 
         searching[group].add_sample(stack, strides[group], picked_chunks[group])
     for search in searching.values():
         search.set_window()
-    for key, part in measured(jobs):                                  # full pass: window histograms
+    for key, part in prepared(jobs, measure):                         # full pass: window histograms
         searching[group_of(key)].accumulate(part)
     fallback = {}
     for group, search in searching.items():

@@ -25,7 +25,7 @@ size), so callers keep reading and writing arbitrary byte ranges:
 
 Where ``O_DIRECT`` is missing (macOS, Windows) or refused (tmpfs, some network and FUSE file
 systems: ``EINVAL`` at open or at the first transfer) both fall back to buffered I/O on the same
-code path, silently: only the speed differs, never the bytes (tests/test_streaming.py runs both).
+code path, silently: only the speed differs, never the bytes (tests/test_direct_io.py runs both).
 Mixing the two on one file is safe: the kernel writes back and invalidates cached pages around
 a direct transfer.
 """
@@ -63,14 +63,26 @@ def _open_direct(path: Path, flags: int) -> int | None:
     try:
         return os.open(path, flags | _O_DIRECT)
     except OSError as error:
-        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        if _refused(error):
             return None
         raise
 
 
 def _refused(error: OSError) -> bool:
-    """A direct transfer the file system does not support (as opposed to a real I/O error)."""
+    """Direct I/O the file system does not support (as opposed to a real I/O error)."""
     return error.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def pread_all(fd: int, offset: int, buffer: memoryview) -> int:
+    """Read ``len(buffer)`` bytes at ``offset`` through a buffered descriptor, looping over short
+    reads; returns the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 class DirectReader:
@@ -120,17 +132,7 @@ class DirectReader:
                     os.close(fd)
                     self._direct_fds[file] = None
                     self._file = None
-        return self._read_buffered(self._fd(file), offset, buffer)
-
-    @staticmethod
-    def _read_buffered(fd: int, offset: int, buffer: memoryview) -> int:
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(fd, [buffer[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-        return done
+        return pread_all(self._fd(file), offset, buffer)
 
     @staticmethod
     def _read_aligned(fd: int, offset: int, view: memoryview) -> int:
@@ -298,12 +300,8 @@ class DirectAppender:
         """Take the current buffer's bytes back from the file after they were changed there
         (``sync`` first), so later transfers do not overwrite the change."""
         view = memoryview(self._buffers[self._current])[:self._fill]
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], self._base + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"{self.path}: shorter than the bytes appended to it")
-            done += n
+        if pread_all(self.fd, self._base, view) < len(view):
+            raise OSError(errno.EIO, f"{self.path}: shorter than the bytes appended to it")
 
     def close(self) -> None:
         """Write what is left and cut the padding of the last direct block; the descriptor
@@ -314,20 +312,20 @@ class DirectAppender:
             self.sync()
             os.ftruncate(self.fd, self.size)
         finally:
-            self.closed = True
-            self._pool.shutdown(wait=True)
-            if self._direct_fd is not None:
-                os.close(self._direct_fd)
-                self._direct_fd = None
+            self._stop()
+
+    def _stop(self) -> None:
+        """No more appending: the writer thread and the direct descriptor end."""
+        self.closed = True
+        self._pool.shutdown(wait=True)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def release(self) -> None:
         """Close everything, after ``close`` or instead of it (on failure: nothing is flushed)."""
         if not self.closed:
-            self.closed = True
-            self._pool.shutdown(wait=True)
-            if self._direct_fd is not None:
-                os.close(self._direct_fd)
-                self._direct_fd = None
+            self._stop()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

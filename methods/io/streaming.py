@@ -45,7 +45,7 @@ import torch
 
 from methods.io.checkpoint import (WEIGHTS, WEIGHTS_INDEX, CorruptCheckpointError, NonFiniteWeightsError,
                                    atomic_dir, checkpoint_dir_of, copy_template_files, read_json)
-from methods.io.direct import DirectAppender, DirectReader
+from methods.io.direct import DirectAppender, DirectReader, pread_all
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
 DTYPES: dict[str, torch.dtype] = {
@@ -119,12 +119,8 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, TensorInfo]
 
 
 def _read_into(fd: int, buffer: memoryview, offset: int, where: str) -> None:
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n == 0:
-            raise CorruptCheckpointError(f"{where}: unexpected end of file (truncated?)")
-        done += n
+    if pread_all(fd, offset, buffer) < len(buffer):
+        raise CorruptCheckpointError(f"{where}: unexpected end of file (truncated?)")
 
 
 class LazyCheckpoint:
