@@ -49,6 +49,7 @@ MERGEKIT = ("mk-dare", "mk-ta", "mk-ties")
 DEFAULT_OPS = ("floor-1", "floor-N", "dare", "ta", "ties", "ties-tensor", "mk-dare", "mk-ta", "mk-ties")
 FLOOR_OF = {"dare": "floor-1", "mk-dare": "floor-1"}  # everything else: floor-N
 MERGEKIT_OF = {"dare": "mk-dare", "ta": "mk-ta", "ties": "mk-ties", "ties-tensor": "mk-ties"}
+GPU_PEAK = "peak GPU memory GB: "
 
 
 # --- the checkpoint set ------------------------------------------------------------------------
@@ -94,13 +95,21 @@ def config_json(shape: dict) -> dict:
             "bos_token_id": 1, "eos_token_id": 2}
 
 
-def generate(root: Path, shape: dict, n_models: int, shard_bytes: int, sigma: float, seed: int) -> None:
+def generate(root: Path, shape: dict, n_models: int, shard_bytes: int, sigma: float, seed: int,
+             device: str = "cpu") -> None:
     """base ~ N(0, 0.02²) (norm weights 1), model_t = base + N(0, sigma²), all bfloat16, each tensor
-    drawn from a generator seeded by (seed, model, tensor)."""
+    drawn from a generator seeded by (seed, model, tensor), on ``device`` (a GPU draws a 7B set in
+    seconds, where one CPU core takes minutes; its numbers differ from the CPU's)."""
     import torch
     from safetensors.torch import save_file
 
-    from methods.seeding import cpu_generator
+    from methods.seeding import derive_seed
+
+    def generator(*parts):
+        return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+    def randn(shape, g):
+        return torch.randn(shape, generator=g, device=device)
 
     models = ["base"] + [f"ft_{t}" for t in range(n_models)]
     tensors = tensor_list(shape)
@@ -122,15 +131,15 @@ def generate(root: Path, shape: dict, n_models: int, shard_bytes: int, sigma: fl
     for group, file in zip(groups, files):
         shard = {m: {} for m in models}
         for name in group:
-            g = cpu_generator("bench-base", seed, name)
+            g = generator("bench-base", seed, name)
             if name.endswith("norm.weight"):
-                base = torch.ones(shapes[name]) + 0.01 * torch.randn(shapes[name], generator=g)
+                base = 1 + 0.01 * randn(shapes[name], g)
             else:
-                base = 0.02 * torch.randn(shapes[name], generator=g)
-            shard["base"][name] = base.to(torch.bfloat16)
+                base = 0.02 * randn(shapes[name], g)
+            shard["base"][name] = base.to(torch.bfloat16).cpu()
             for model in models[1:]:
-                noise = torch.randn(shapes[name], generator=cpu_generator("bench-delta", seed, model, name))
-                shard[model][name] = (base + sigma * noise).to(torch.bfloat16)
+                noise = randn(shapes[name], generator("bench-delta", seed, model, name))
+                shard[model][name] = (base + sigma * noise).to(torch.bfloat16).cpu()
             del base
         for model in models:
             save_file(shard[model], root / model / file, metadata={"format": "pt"})
@@ -147,6 +156,8 @@ def ensure_set(args) -> tuple[Path, dict]:
     shape = llama_shape(args.params, args.hidden, args.layers)
     spec = {"shape": shape, "models": args.models, "shard_bytes": int(args.shard_gb * 1e9), "sigma": args.sigma,
             "seed": args.seed, "dtype": "bfloat16", "vocab": VOCAB}
+    if args.device != "cpu":  # drawn there: other numbers than the CPU's
+        spec["generated_on"] = args.device
     root = Path(args.workdir) / f"set-{shape['parameters'] / 1e9:.3f}B-{args.models}m"
     if (root / "spec.json").exists() and json.loads((root / "spec.json").read_text()) == spec:
         print(f"reusing the checkpoint set in {root}", flush=True)
@@ -278,12 +289,12 @@ def run_op(args) -> None:
     elif args.name == "floor-N":
         op_floor(root, out, n, shard_bytes)
     elif args.name == "floor-ours-N":
-        op_floor_ours(root, out, n, shard_bytes, args.chunk)
+        op_floor_ours(root, out, n, shard_bytes, args.chunk or 1 << 18)
     elif args.name == "dare":
         from methods.stream import stream_prune
         stream_prune(root / "base", root / "ft_0", out, "dare",
                      {"drop_rate": args.drop_rate, "rescale": True, "rescale_rule": "inverse-keep"}, args.seed,
-                     max_shard_bytes=shard_bytes, chunk_elements=args.chunk)
+                     max_shard_bytes=shard_bytes, chunk_elements=args.chunk, device=args.device)
     else:
         from methods.stream import stream_merge
         models = {f"ft_{t}": root / f"ft_{t}" for t in range(n)}
@@ -293,7 +304,9 @@ def run_op(args) -> None:
             "ties-tensor": ("ties", {"density": args.density, "scale": args.scale, "granularity": "tensor"}),
         }[args.name]
         stream_merge(method, root / "base", models, out, params, seed=args.seed, max_shard_bytes=shard_bytes,
-                     chunk_elements=args.chunk)
+                     chunk_elements=args.chunk, device=args.device)
+    if args.device != "cpu" and not args.name.startswith("floor"):  # read back by measure()
+        print(f"{GPU_PEAK}{torch.cuda.max_memory_allocated() / 1e9:.3f}", flush=True)
 
 
 def mergekit_config(name: str, root: Path, n: int, args) -> str:
@@ -316,11 +329,19 @@ def mergekit_config(name: str, root: Path, n: int, args) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def mergekit_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mergekit") is not None
+
+
 def mergekit_command(config: Path, out: Path, args) -> list[str]:
-    exe = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
-    if exe is None:
-        raise FileNotFoundError("mergekit-yaml not found next to this Python or on PATH (pip install mergekit)")
-    return [exe, str(config), str(out), "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer",
+    if not mergekit_installed():
+        raise FileNotFoundError("mergekit is not installed for this Python (pip install mergekit==0.1.5, as the "
+                                "test extra does)")
+    # its `mergekit-yaml` entry point, run by this Python (wheels unpacked with --target have no scripts)
+    return [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out),
+            "--cuda" if args.device != "cpu" else "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer",
             "--no-write-model-card", "--out-shard-size", str(int(args.shard_gb * 1e9)), "-j", str(args.threads),
             "--random-seed", str(args.seed), "--quiet"]
 
@@ -348,11 +369,14 @@ def measure(command: list[str], log: Path, env: dict | None = None) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
+    gpu = [line for line in log.read_text().splitlines() if line.startswith(GPU_PEAK)]
     return {"wall_s": wall, "process_s": ran, "sync_s": wall - ran, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_gpu_gb": float(gpu[-1][len(GPU_PEAK):]) if gpu else None}
 
 
 def run(args) -> None:
+    started = time.perf_counter()
     root, spec = ensure_set(args)
     work = Path(args.workdir)
     logs = work / "logs"
@@ -362,8 +386,13 @@ def run(args) -> None:
     if unknown:
         raise SystemExit(f"unknown operations {sorted(unknown)}; known: {list(OURS + MERGEKIT)}")
     results: dict[str, dict] = {}
+    skipped: list[str] = []
     cold = None
     for name in ops:
+        if args.time_budget and time.perf_counter() - started > args.time_budget:
+            skipped.append(name)
+            print(f"{name}: skipped, the time budget of {args.time_budget:.0f} s is spent", flush=True)
+            continue
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
         if name in MERGEKIT:
@@ -372,9 +401,10 @@ def run(args) -> None:
             command = mergekit_command(config, out, args)
         else:
             command = [sys.executable, str(Path(__file__).resolve()), "op", name, "--set", str(root), "--out", str(out),
-                       "--models", str(args.models), "--shard-gb", str(args.shard_gb), "--chunk", str(args.chunk),
-                       "--threads", str(args.threads), "--drop-rate", str(args.drop_rate), "--density",
-                       str(args.density), "--scale", str(args.scale), "--seed", str(args.seed)]
+                       "--models", str(args.models), "--shard-gb", str(args.shard_gb), "--threads", str(args.threads),
+                       "--drop-rate", str(args.drop_rate), "--density", str(args.density), "--scale",
+                       str(args.scale), "--seed", str(args.seed), "--device", args.device] + \
+                      (["--chunk", str(args.chunk)] if args.chunk else [])
         print(f"{name}: {' '.join(command)}", flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         runs = []
@@ -400,7 +430,9 @@ def run(args) -> None:
                         "--out", str(target), "--work", str(work), "--pairs", ",".join(f"{a}:{b}" for a, b in pairs)],
                        check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         comparison = json.loads(target.read_text())
-    table = render(results, {**spec, "repeat": args.repeat}, cold)
+    table = render(results, {**spec, "repeat": args.repeat, "device": args.device}, cold)
+    if skipped:
+        table += f"\n\nskipped (time budget {args.time_budget:.0f} s spent): {', '.join(skipped)}"
     if comparison:
         table += "\n\n| ours vs mergekit | differing elements | max abs difference | ‖ours − mk‖ / ‖mk − base‖ |\n" \
                  "|---|---|---|---|\n" + "\n".join(
@@ -409,7 +441,8 @@ def run(args) -> None:
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(table)
     target = work / f"results-{spec['shape']['parameters'] / 1e9:.3f}B.json"
-    target.write_text(json.dumps({"spec": spec, "args": vars(args), "page_cache_dropped": cold,
+    target.write_text(json.dumps({"spec": spec, "args": vars(args), "page_cache_dropped": cold, "skipped": skipped,
+                                  "total_s": time.perf_counter() - started,
                                   "parent_peak_rss_gb": parent, "comparison": comparison,
                                   "results": results, "table": table}, indent=2))
     print(f"raw numbers: {target}")
@@ -423,17 +456,19 @@ def render(results: dict, spec: dict, cold: bool | None) -> str:
     lines = [f"{shape['parameters'] / 1e9:.3f}B parameters (hidden {shape['hidden_size']}, MLP "
              f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, vocab {VOCAB}), bf16, base + {n} "
              f"models, shards ≤ {spec['shard_bytes'] / 1e9:g} GB; page cache "
-             f"{'dropped before each run' if cold else 'NOT dropped'}; fastest of {spec.get('repeat', 1)} run(s)",
+             f"{'dropped before each run' if cold else 'NOT dropped'}; fastest of {spec.get('repeat', 1)} run(s); "
+             f"computing on {spec.get('device', 'cpu')}",
              "",
-             "| operation | inputs | wall s | CPU s | peak RSS GB | × I/O floor | × mergekit |",
-             "|---|---|---|---|---|---|---|"]
+             "| operation | inputs | wall s | CPU s | peak RSS GB | peak GPU GB | × I/O floor | × mergekit |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         floor = results.get(FLOOR_OF.get(name, "floor-N"))
         mk = results.get(MERGEKIT_OF.get(name, ""))
         inputs = "base + 1" if FLOOR_OF.get(name) == "floor-1" or name == "floor-1" else f"base + {n}"
         ratio_floor = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor and not name.startswith("floor") else "–"
         ratio_mk = f"{r['wall_s'] / mk['wall_s']:.2f}" if mk else "–"
-        lines.append(f"| {name} | {inputs} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+        gpu = f"{r['peak_gpu_gb']:.2f}" if r.get("peak_gpu_gb") is not None else "–"
+        lines.append(f"| {name} | {inputs} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} | {gpu} | "
                      f"{ratio_floor} | {ratio_mk} |")
     return "\n".join(lines)
 
@@ -450,7 +485,10 @@ def main(argv=None) -> None:
     for p in (parser, op):
         p.add_argument("--models", type=int, default=2, help="fine-tuned models (merges); DARE uses the first")
         p.add_argument("--shard-gb", type=float, default=1.0, help="max shard size of inputs and outputs, GB")
-        p.add_argument("--chunk", type=int, default=1 << 18, help="elements per streamed chunk (ours)")
+        p.add_argument("--chunk", type=int, default=None,
+                       help="elements per streamed chunk (ours; default: the device's, 2^18 on the CPU)")
+        p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where ours and mergekit compute (mergekit --cuda); cuda also draws the set there")
         p.add_argument("--threads", type=int, default=1,
                        help="torch threads, ours and mergekit (-j); 1: on 2 cores our reader thread uses the other")
         p.add_argument("--drop-rate", type=float, default=0.9, help="DARE drop rate p (mergekit density 1 − p)")
@@ -470,6 +508,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-outputs", action="store_true", help="keep every operation's output")
     parser.add_argument("--compare", action="store_true",
                         help="with --keep-outputs: compare our outputs with mergekit's (ta/mk-ta, ties/mk-ties, ...)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds (set generation included) after which no further operation is started")
     parser.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                         help="do not drop the page cache before each operation")
     gen = sub.add_parser("generate", help="generate a checkpoint set (used by the benchmark in a subprocess)")
@@ -480,7 +520,8 @@ def main(argv=None) -> None:
         run_op(args)
     elif args.command == "generate":
         spec = json.loads(args.spec)
-        generate(Path(args.root), spec["shape"], spec["models"], spec["shard_bytes"], spec["sigma"], spec["seed"])
+        generate(Path(args.root), spec["shape"], spec["models"], spec["shard_bytes"], spec["sigma"], spec["seed"],
+                 spec.get("generated_on", "cpu"))
     else:
         run(args)
 

@@ -61,6 +61,17 @@ they can differ from ``prune_state_dict``'s in the last digits; the weights do n
 finite (the rewrites assume it; a NaN would reach the output and be refused by the writer, where
 the in-memory TIES would silently trim it away).
 
+Devices: ``device="cuda"`` runs the float32 arithmetic on a GPU; reading, the DARE mask
+generator (a CPU generator, so masks do not depend on the device) and writing stay on the CPU.
+Each ``_Buffers`` set then holds its scratch on the GPU and, beside it, page-locked host buffers
+that the reads land in and the results are copied to before they are written. Chunks are larger
+there (``ACCELERATOR_CHUNK_ELEMENTS``): a GPU spends per chunk on kernel launches and
+synchronisations what a CPU spends on cache misses. Every operation of the chunk kernels is an
+IEEE float32 operation or integer/bit arithmetic, which CUDA rounds as the CPU does, so a GPU
+gives the CPU's bits wherever a sum runs over at most two terms in a fixed order (DARE, task
+arithmetic of up to two models); sums over more models may be reduced in another order there
+(tests/test_streaming.py checks CUDA against the CPU where a GPU is present).
+
 Threads: the functions leave ``torch.set_num_threads`` alone. On a 2-core machine one torch
 thread plus the reader thread is the fast configuration (bench/README.md); TIES's ``workers``
 default fills the cores the process may use with torch threads (two on a 2-core machine with one
@@ -98,6 +109,9 @@ DEFAULT_PREFETCH = 2                # reads ahead of the computation, in the rea
 # TIES jobs go to a pool of worker threads: fewer, larger jobs (4 chunks each) spend less on
 # futures and GIL hand-offs (at 1B: 11.4-12.6 s against 13.4-14.4 s with one chunk per job)
 TIES_READ_ELEMENTS = 1 << 20
+# On a GPU each chunk is one read and a few dozen kernel launches (~10 µs each) plus a few
+# synchronisations: 4M elements (16 MiB of float32 per intermediate) keep that overhead small
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
 # merge methods whose result at an element depends only on that element of the inputs
 ELEMENTWISE_MERGES = ("task-arithmetic", "average")
@@ -186,7 +200,7 @@ def _masked(values: torch.Tensor, mask: torch.Tensor, ws: "_Buffers | None" = No
     if head < n:
         parts.append(values[..., head:][..., mask[head:]])
     if not parts:  # a fresh tensor: a view would keep the whole chunk alive
-        return torch.empty((*lead, 0), dtype=values.dtype)
+        return torch.empty((*lead, 0), dtype=values.dtype, device=values.device)
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
@@ -199,12 +213,17 @@ def _spec(family: str, name: str) -> registry.MethodSpec:
     return registry._REGISTRY[family].get(name) or registry.get(family, name)
 
 
-def _block_size(chunk_elements: int, read_elements: int | None) -> int:
+def _default_chunk(device: torch.device) -> int:
+    return DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+
+
+def _block_size(chunk_elements: int, read_elements: int | None, device: torch.device) -> int:
     """Elements per read: a multiple of the chunk (fewer, larger reads and thread hand-offs)."""
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be ≥ 1, got {chunk_elements}")
-    wanted = DEFAULT_READ_ELEMENTS if read_elements is None else read_elements
-    return max(1, wanted // chunk_elements) * chunk_elements
+    if read_elements is None:
+        read_elements = DEFAULT_READ_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, read_elements // chunk_elements) * chunk_elements
 
 
 def _sub_ranges(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
@@ -216,11 +235,24 @@ class _Buffers:
     """Reusable buffers, by tag: allocated once at the largest size asked for and handed out as
     views. The per-chunk kernels take every intermediate from here; fresh tensors for each chunk
     make glibc's allocator return memory to the system and fault it in again, chunk after chunk,
-    which costs more than the arithmetic. A tag must name one live value at a time."""
+    which costs more than the arithmetic. A tag must name one live value at a time.
 
-    def __init__(self):
+    The buffers live on ``device`` (the computation's); ``host`` is the CPU set beside them (the
+    same set on the CPU; page-locked memory beside a GPU, so that copies to it are fast), for
+    what is read, drawn by a CPU generator or written out."""
+
+    def __init__(self, device: torch.device | str = "cpu", *, pinned: bool = False):
+        self.device = torch.device(device)
+        self.pinned = pinned
         self._store: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple] = {}   # per tag: (shape, dtype, the view last handed out)
+        self._host = self if self.device.type == "cpu" else None
+
+    @property
+    def host(self) -> "_Buffers":
+        if self._host is None:
+            self._host = _Buffers(pinned=True)
+        return self._host
 
     def __call__(self, tag: str, shape, dtype: torch.dtype) -> torch.Tensor:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -230,15 +262,22 @@ class _Buffers:
         nbytes = math.prod(shape) * dtype.itemsize
         store = self._store.get(tag)
         if store is None or store.numel() < nbytes:
-            store = self._store[tag] = torch.empty(max(nbytes, 8), dtype=torch.uint8)
+            store = self._store[tag] = torch.empty(max(nbytes, 8), dtype=torch.uint8, device=self.device,
+                                                   pin_memory=self.pinned)
         view = store[:nbytes].view(dtype).view(shape)
         self._last[tag] = (shape, dtype, view)
         return view
 
     def read(self, checkpoint: LazyCheckpoint, tag: str, name: str, start: int, stop: int) -> torch.Tensor:
-        """``checkpoint.read`` into this set's buffer ``tag``."""
+        """``checkpoint.read`` into this set's host buffer ``tag``."""
         size = checkpoint.info(name).itemsize
-        return checkpoint.read(name, start, stop, out=self(tag, (stop - start) * size, torch.uint8))
+        return checkpoint.read(name, start, stop, out=self.host(tag, (stop - start) * size, torch.uint8))
+
+    def to_host(self, tensor: torch.Tensor, tag: str = "host_out") -> torch.Tensor:
+        """``tensor`` on the CPU: itself there, else a copy in the host buffer ``tag``."""
+        if tensor.device.type == "cpu":
+            return tensor
+        return self.host(tag, tensor.shape, tensor.dtype).copy_(tensor)
 
 
 class _ThreadBuffers:
@@ -246,18 +285,19 @@ class _ThreadBuffers:
     per-job sets of ``_prefetch`` hold only what outlives the computation); dropped with this
     object and the threads."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         self._local = threading.local()
+        self.device = device
 
     def __call__(self) -> _Buffers:
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
-            buffers = self._local.buffers = _Buffers()
+            buffers = self._local.buffers = _Buffers(self.device)
         return buffers
 
 
 def _prefetch(jobs: Iterable, read: Callable, depth: int, prepare: Callable | None = None,
-              workers: int = 1) -> Iterator[tuple]:
+              workers: int = 1, device: torch.device | str = "cpu") -> Iterator[tuple]:
     """(job, result) in job order, with up to ``depth`` jobs running ahead of the consumer.
 
     ``read(job, buffers)`` runs in one reader thread, job after job, so each file is read front
@@ -265,9 +305,9 @@ def _prefetch(jobs: Iterable, read: Callable, depth: int, prepare: Callable | No
     ``prepare(job, read's result, buffers)``, run in a pool of ``workers`` threads (torch releases
     the GIL, so the chunks of several jobs are computed at once). ``buffers`` is one of depth + 2
     ``_Buffers`` sets used in turn: a set is reused only after the consumer has moved past the job
-    that was read into it."""
+    that was read into it. The sets compute on ``device`` (reads land in their host buffers)."""
     jobs = iter(jobs)
-    slots = [_Buffers() for _ in range(max(depth, 0) + 2)]
+    slots = [_Buffers(device) for _ in range(max(depth, 0) + 2)]
     if depth <= 0:
         for job in jobs:
             result = read(job, slots[0])
@@ -379,13 +419,13 @@ class _DareTensor:
         thread does only this (and the reading); ``chunk`` does the rest on the main thread."""
         if self.drop_rate in (0.0, 1.0):
             return None
-        return torch.rand(n, generator=self.generator, dtype=_F32, out=buffers("uniform", n, _F32))
+        return torch.rand(n, generator=self.generator, dtype=_F32, out=buffers.host("uniform", n, _F32))
 
     def chunk(self, base: torch.Tensor, finetuned: torch.Tensor, uniform: torch.Tensor | None,
               dtype: torch.dtype, stats: bool, ws: _Buffers) -> torch.Tensor:
         """prune_state_dict + methods.prune.dare.dare_delta on a flat range of the raw weights: the
         same float32 operations (into reused buffers, and branch-free where that gives the same
-        bits). Overwrites ``uniform``."""
+        bits), on ``ws``'s device; the result is there too. Overwrites ``uniform``."""
         n = base.numel()
         base_weight = ws("base", n, _F32).copy_(base)
         ft_weight = ws("ft", n, _F32).copy_(finetuned)
@@ -398,6 +438,8 @@ class _DareTensor:
         else:
             # rescale_survivors: where(keep, δ/(1−p) or δ, +0.0)
             pruned = ws("pruned", n, _F32)
+            if uniform.device != pruned.device:     # drawn on the CPU (the mask's generator)
+                uniform = ws("uniform", n, _F32).copy_(uniform)
             if self.rescale:
                 torch.div(delta, 1.0 - p, out=pruned)
             else:
@@ -427,17 +469,21 @@ class _DareTensor:
 
 def stream_prune(base: str | Path, finetuned: str | Path, out_dir: str | Path, method: str, params: dict,
                  mask_seed: int, exclude: Iterable[str] = (), *, pruner: Callable | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int | None = None,
                  template_dir: str | Path | None = None, stats: bool = True,
-                 prefetch: int = DEFAULT_PREFETCH, read_elements: int | None = None) -> dict[str, dict]:
+                 prefetch: int = DEFAULT_PREFETCH, read_elements: int | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, dict]:
     """Prune a fine-tuned checkpoint against its base into ``out_dir``; returns per-tensor stats.
 
     Same arguments and results as ``prune_state_dict(base, finetuned, method, params, mask_seed,
     exclude, pruner)`` + ``save_like(state, template_dir or finetuned, out_dir)``; ``params`` must
     be resolved (``registry.get("prune", method).resolve``). ``stats=False`` skips the statistics
-    of chunked tensors (cheaper; they come back as ``{"pruned": True}``)."""
+    of chunked tensors (cheaper; they come back as ``{"pruned": True}``). ``device``: where the
+    float32 arithmetic runs (see "Devices" above); ``chunk_elements`` defaults to the device's."""
     exclude = list(exclude)
-    block = _block_size(chunk_elements, read_elements)
+    device = torch.device(device)
+    chunk_elements = chunk_elements or _default_chunk(device)
+    block = _block_size(chunk_elements, read_elements, device)
     with LazyCheckpoint(base) as b, LazyCheckpoint(finetuned) as ft:
         base_of = _base_names(b, ft, f"prune {finetuned}")
         dare_params = _chunked_dare_params(method, params, pruner)
@@ -462,7 +508,7 @@ def stream_prune(base: str | Path, finetuned: str | Path, out_dir: str | Path, m
             name, start, stop = job
             route = plan[name][0]
             if route == "whole":
-                return b.read(base_of[name]), ft.read(name), None
+                return b.read(base_of[name]).to(device), ft.read(name).to(device), None
             if route == "copy":
                 return None, buffers.read(ft, "ft_raw", name, start, stop), None
             ft_chunk = buffers.read(ft, "ft_raw", name, start, stop)
@@ -477,10 +523,11 @@ def stream_prune(base: str | Path, finetuned: str | Path, out_dir: str | Path, m
         out_stats: dict[str, dict] = {}
         prune_fn = None
         sink = None
-        ws = _Buffers()
+        ws = _Buffers(device)
         with ShardedWriter(out_dir, max_shard_bytes, template_dir=template_dir or ft.path) as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="dare-draws") as draws:
-            for (name, start, stop), (base_chunk, ft_chunk, prepared) in _prefetch(jobs, read, prefetch):
+            for (name, start, stop), (base_chunk, ft_chunk, prepared) in _prefetch(jobs, read, prefetch,
+                                                                                    device=device):
                 route, reason = plan[name]
                 dtype, shape, numel = ft.dtype(name), ft.shape(name), ft.numel(name)
                 if start == 0:
@@ -494,14 +541,14 @@ def stream_prune(base: str | Path, finetuned: str | Path, out_dir: str | Path, m
                     out, tensor_stats = prune_state_dict({name: base_chunk.reshape(shape)},
                                                          {name: ft_chunk.reshape(shape)}, method, params,
                                                          mask_seed, exclude, pruner=prune_fn)
-                    sink.write(out[name])
+                    sink.write(out[name].cpu())
                     out_stats[name] = tensor_stats[name]
                 else:
                     state = states[name]
                     prepared = prepared.result()
                     for i, j in _sub_ranges(0, stop - start, chunk_elements):
                         uniform = None if prepared is None else prepared[i:j]
-                        sink.write(state.chunk(base_chunk[i:j], ft_chunk[i:j], uniform, dtype, stats, ws))
+                        sink.write(ws.to_host(state.chunk(base_chunk[i:j], ft_chunk[i:j], uniform, dtype, stats, ws)))
                     if stop == numel:
                         out_stats[name] = state.stats() if stats else {"pruned": True}
                         del states[name]
@@ -553,8 +600,8 @@ class _MergeInputs:
         return base32, parts
 
 
-def _f32_dicts(key: str, base_chunk: torch.Tensor, model_chunks: list[torch.Tensor]):
-    return {key: base_chunk.to(_F32)}, [{key: m.to(_F32)} for m in model_chunks]
+def _f32_dicts(key: str, base_chunk: torch.Tensor, model_chunks: list[torch.Tensor], device: torch.device):
+    return {key: base_chunk.to(device, _F32)}, [{key: m.to(device, _F32)} for m in model_chunks]
 
 
 def _task_arithmetic_chunk(base32: torch.Tensor, stack: torch.Tensor, scale: float, dtype: torch.dtype,
@@ -581,6 +628,7 @@ def _abs_bits(stack: torch.Tensor) -> torch.Tensor:
 
 def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest counted element (1-based) and its rank inside that bin."""
+    hist = hist.cpu()
     from_top = hist.flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)))
     bin_ = hist.numel() - 1 - j
@@ -608,16 +656,16 @@ class _Selection:
 
     def add_hi(self, stack: torch.Tensor) -> None:
         if self.hi is None:
-            self.hi = torch.zeros(self.n_models * _HI_BINS, dtype=torch.int64)
+            self.hi = torch.zeros(self.n_models * _HI_BINS, dtype=torch.int64, device=stack.device)
         top = _abs_bits(stack) >> 16
-        top += (torch.arange(self.n_models, dtype=torch.int32) * _HI_BINS).unsqueeze(1)
+        top += (torch.arange(self.n_models, dtype=torch.int32, device=stack.device) * _HI_BINS).unsqueeze(1)
         self.hi += torch.bincount(top.reshape(-1), minlength=self.n_models * _HI_BINS)
 
     def locate(self) -> None:
         k = mc.keep_count(self.numel, self.density)
         hist = self.hi.view(self.n_models, _HI_BINS)
         self.bins, self.ranks = zip(*(_kth_bin(hist[t], k) for t in range(self.n_models)))
-        self.lo = torch.zeros(self.n_models * _LO_BINS, dtype=torch.int64)
+        self.lo = torch.zeros(self.n_models * _LO_BINS, dtype=torch.int64, device=self.hi.device)
 
     def add_lo(self, stack: torch.Tensor) -> None:
         bits = _abs_bits(stack)
@@ -657,7 +705,7 @@ def _disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, base32: torch.Te
     the original puts there), and + 0.0 turns the −0 of "nothing agrees, γ = −1" into the
     original's +0. Float arithmetic instead of boolean masks: several times faster on CPU. The
     result is ``out_ws``'s buffer "out" + ``tag`` (default: ``ws``'s), the rest scratch of ``ws``."""
-    ws = ws or _Buffers()
+    ws = ws or _Buffers(trimmed.device)
     shape, n = trimmed.shape, trimmed.shape[1]
     product = torch.mul(trimmed, gamma, out=ws("product", shape, _F32)).clamp_min_(0.0)   # P_t
     count = torch.sum(torch.sign(product, out=ws("agree", shape, _F32)), dim=0, out=ws("count", n, _F32))
@@ -705,22 +753,25 @@ def _ties_chunk(base32: torch.Tensor, trimmed: torch.Tensor, elected: tuple, sca
     alternative = None
     if float(matters.max()) > 0:
         index = torch.nonzero(matters).squeeze(1)
-        alternative = (index, _disjoint_merge(trimmed[:, index], torch.full((index.numel(),), -1.0), base32[index],
-                                              scale, dtype)[0])
+        minus = torch.full((index.numel(),), -1.0, device=index.device)
+        alternative = (index, _disjoint_merge(trimmed[:, index], minus, base32[index], scale, dtype)[0])
     return out, gamma_sum, alternative
 
 
 def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], out_dir: str | Path,
                  params: dict | None = None, *, seed: int = 0, exclude: Iterable[str] = (),
                  vocab_rule: str = "base", keep_unmerged: bool = True,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int | None = None,
                  template_dir: str | Path | None = None, prefetch: int = DEFAULT_PREFETCH,
-                 read_elements: int | None = None, workers: int | None = None) -> dict:
+                 read_elements: int | None = None, workers: int | None = None,
+                 device: torch.device | str = "cpu") -> dict:
     """Merge ``models`` (name → checkpoint) on ``base`` with a merge method into ``out_dir``.
 
     Same semantics as ``merge_state_dicts(method, base, models, params, seed=, exclude=,
     vocab_rule=)`` (the base aligned to the first model's names, as the merge rule does); missing
-    ``params`` take the method's defaults. Returns merge_state_dicts' info dict."""
+    ``params`` take the method's defaults. ``device``: where the float32 arithmetic runs (see
+    "Devices" above); ``chunk_elements`` defaults to the device's. Returns merge_state_dicts' info
+    dict."""
     if vocab_rule not in VOCAB_RULES:
         raise ValueError(f"unknown vocab_rule {vocab_rule!r}; known: {list(VOCAB_RULES)}")
     if not models:
@@ -735,9 +786,11 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
         raise NotImplementedError("dare-ties with semantics 'paper' and granularity 'model' is not streamable yet "
                                   "(use granularity 'tensor' or merge_state_dicts)")
     exclude = list(exclude)
-    if read_elements is None and ties_stream:
+    device = torch.device(device)
+    chunk_elements = chunk_elements or _default_chunk(device)
+    if read_elements is None and ties_stream and device.type == "cpu":
         read_elements = max(TIES_READ_ELEMENTS, chunk_elements)
-    block = _block_size(chunk_elements, read_elements)
+    block = _block_size(chunk_elements, read_elements, device)
     names = sorted(models)
     lazy = {n: LazyCheckpoint(p) for n, p in models.items()}
     base_ckpt = LazyCheckpoint(base)
@@ -797,7 +850,7 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                                                       params["scale"], dtype[key], ws, str(a), out_ws=buffers))
                             for a, c, stack in parts]
 
-        scratch = _ThreadBuffers()
+        scratch = _ThreadBuffers(device)
         workers = compute_workers() if workers is None else max(1, workers)
         depth = _pool_depth(prefetch, workers)
 
@@ -810,7 +863,7 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
         if ties_model:  # thresholds over the whole model, before anything is written
             ties_routes.update(_ties_thresholds([k for k in order if routes[k] == "ties"], ranges, read, to_deltas,
                                                 numel, n_models, params["density"], "model", thresholds, prefetch,
-                                                chunk_elements, workers))
+                                                chunk_elements, workers, device))
             ready.update(order)
 
         with contextlib.ExitStack() as stack, \
@@ -819,10 +872,10 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                 if ties_stream else None
             key_ids = {key: i for i, key in enumerate(order)}
             sink = None
-            ws = _Buffers()
+            ws = _Buffers(device)
             jobs = [(key, a, b) for key in order for a, b in ranges(key)]
             for (key, start, stop), (base_chunk, model_chunks) in _prefetch(
-                    jobs, read, depth, prepare if ties_stream else None, workers):
+                    jobs, read, depth, prepare if ties_stream else None, workers, device):
                 r = routes[key]
                 if start == 0:
                     if r == "ties" and granularity == "tensor" and stop == numel[key]:  # one read: in memory
@@ -831,21 +884,21 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                     elif r == "ties" and granularity == "tensor":  # this tensor's thresholds
                         ties_routes.update(_ties_thresholds([key], ranges, read, to_deltas, numel, n_models,
                                                             params["density"], "tensor", thresholds, prefetch,
-                                                            chunk_elements, workers))
+                                                            chunk_elements, workers, device))
                     sink = writer.tensor(key, dtype[key], shape[key])
                 if r == "copy":
                     out = base_chunk
                 elif r == "whole":
                     base32, models32 = _f32_dicts(key, base_chunk.reshape(shape[key]),
-                                                  [m.reshape(shape[key]) for m in model_chunks])
+                                                  [m.reshape(shape[key]) for m in model_chunks], device)
                     out = spec.fn(base32, models32, names=names, seed=seed, score_fn=None, info=extra,
-                                  **params)[key].to(dtype[key])
+                                  **params)[key].to("cpu", dtype[key])
                 if r in ("copy", "whole"):
                     sink.write(out)
                 for a, c in (_sub_ranges(0, stop - start, chunk_elements) if r == "chunked" else []):
-                    base32, models32 = _f32_dicts(key, base_chunk[a:c], [m[a:c] for m in model_chunks])
+                    base32, models32 = _f32_dicts(key, base_chunk[a:c], [m[a:c] for m in model_chunks], device)
                     sink.write(spec.fn(base32, models32, names=names, seed=seed, score_fn=None, info=extra,
-                                       **params)[key].to(dtype[key]))
+                                       **params)[key].to("cpu", dtype[key]))
                 for a, c, stack, *merged_chunk in (model_chunks if r in ("deltas", "ties") else []):
                     base32 = base_chunk[a:c]          # θ₀ (float32) and the (T, n) deltas of one chunk
                     if r == "deltas":
@@ -858,7 +911,7 @@ def stream_merge(method: str, base: str | Path, models: dict[str, str | Path], o
                         gamma_sums[group] = gamma_sums.get(group, 0) + gamma_sum
                         if tied is not None:
                             patches.add(key_ids[key], tied[0] + start + a, tied[1])
-                    sink.write(out)
+                    sink.write(ws.to_host(out))
                 if stop == numel[key]:
                     sink.close()
             if patches is not None and patches.count:
@@ -895,6 +948,7 @@ class _WindowSearch:
     (``_Selection``), which are exact for any input."""
     n_models: int
     density: float
+    device: torch.device = torch.device("cpu")   # where the chunks are measured and counted
     numel: int = 0
     sample: torch.Tensor | None = None      # (T, CAP + chunks) float32 |δ| sample
     sampled: int = 0
@@ -932,7 +986,7 @@ class _WindowSearch:
         # one buffer at its full size: small tensors kept per chunk would be interleaved on the heap
         # with the chunks' large temporaries and fragment it (RSS growing with the chunk count)
         if self.sample is None:
-            self.sample = torch.empty((self.n_models, self.CAP + chunks), dtype=_F32)
+            self.sample = torch.empty((self.n_models, self.CAP + chunks), dtype=_F32, device=self.device)
         values = stack[:, ::stride]
         n = min(values.shape[1], self.sample.shape[1] - self.sampled)   # ≤ ⌈n/stride⌉ per chunk: fits
         torch.abs(values[:, :n], out=self.sample[:, self.sampled:self.sampled + n])
@@ -960,10 +1014,10 @@ class _WindowSearch:
             lo.append(low)
             hi.append(high)
         self.sample = None
-        self.lo_bits = torch.tensor(lo, dtype=torch.int32).unsqueeze(1)
-        self.hi_bits = torch.tensor(hi, dtype=torch.int32).unsqueeze(1)
-        self.above = torch.zeros(self.n_models, dtype=torch.int64)
-        self.hist = torch.zeros((self.n_models, width), dtype=torch.int64)
+        self.lo_bits = torch.tensor(lo, dtype=torch.int32, device=self.device).unsqueeze(1)
+        self.hi_bits = torch.tensor(hi, dtype=torch.int32, device=self.device).unsqueeze(1)
+        self.above = torch.zeros(self.n_models, dtype=torch.int64, device=self.device)
+        self.hist = torch.zeros((self.n_models, width), dtype=torch.int64, device=self.device)
 
     def measure(self, stack: torch.Tensor, ws: _Buffers, out_ws: _Buffers | None = None, tag: str = "") -> tuple:
         """What one chunk adds to the counts: (#(|δ| > hi) per model, each model's window offsets
@@ -989,7 +1043,7 @@ class _WindowSearch:
         for t, index in enumerate(offsets):
             if index.numel():  # count into the window's bins (a bincount would rewrite all of them)
                 if self._ones is None or self._ones.numel() < index.numel():
-                    self._ones = torch.ones(index.numel(), dtype=torch.int64)
+                    self._ones = torch.ones(index.numel(), dtype=torch.int64, device=self.device)
                 self.hist[t].index_add_(0, index, self._ones[:index.numel()])
 
     def resolve(self) -> list[float] | None:
@@ -1023,17 +1077,17 @@ def _thresholds_in_memory(stacks: list[torch.Tensor], density: float) -> list:
 
 def _ties_thresholds(keys: list[str], ranges, read, to_deltas, numel: dict[str, int], n_models: int,
                      density: float, granularity: str, thresholds: dict, prefetch: int, chunk: int,
-                     workers: int = 1) -> dict:
+                     workers: int = 1, device: torch.device = torch.device("cpu")) -> dict:
     """The trim thresholds of paper TIES over ``keys`` into ``thresholds``: one group per tensor
     (granularity "tensor") or one for all (``None``, "model"). ``read(job, buffers)`` reads a
     block, ``to_deltas(read's result, buffers)`` makes it (θ₀, [(offset, stop, (T, n) deltas)])
-    (``_MergeInputs.read`` and ``.deltas``); ``workers`` threads prepare blocks at once. Returns
+    (``_MergeInputs.read`` and ``.deltas``) on ``device``; ``workers`` threads prepare blocks at once. Returns
     how each group's thresholds were found ("known", "window" or "histogram"), for tests and
     logs."""
     group_of = (lambda k: k) if granularity == "tensor" else (lambda k: None)
     searches: dict = {}
     for key in keys:
-        search = searches.setdefault(group_of(key), _WindowSearch(n_models, density))
+        search = searches.setdefault(group_of(key), _WindowSearch(n_models, density, device))
         search.numel += numel[key]
     routes = {}
     searching = {}
@@ -1047,10 +1101,11 @@ def _ties_thresholds(keys: list[str], ranges, read, to_deltas, numel: dict[str, 
         return routes
     jobs = [(key, a, b) for key in keys if group_of(key) in searching for a, b in ranges(key)]
 
-    scratch = _ThreadBuffers()
+    scratch = _ThreadBuffers(device)
 
     def prepared(job_list, prepare):  # (key, item) for each item prepare returns per block, in order
-        for (key, _, _), items in _prefetch(job_list, read, _pool_depth(prefetch, workers), prepare, workers):
+        for (key, _, _), items in _prefetch(job_list, read, _pool_depth(prefetch, workers), prepare, workers,
+                                            device):
             for item in items:
                 yield key, item
 
@@ -1113,6 +1168,7 @@ class _Patches:
         self.count = 0
 
     def add(self, key_id: int, index: torch.Tensor, values: torch.Tensor) -> None:
+        index, values = index.cpu(), values.cpu()
         self.file.write(struct.pack("<iq", key_id, index.numel()))
         self.file.write(memoryview(index.numpy()))
         self.file.write(memoryview(values.contiguous().view(torch.uint8).numpy()))

@@ -22,6 +22,7 @@ def _set(config, path, value):
 
 CASES = [
     ("unknown top-level key", ["colour"], "blue", ["colour", "unexpected"]),
+    ("device that does not exist", ["device"], "gpu", ["device", "gpu"]),
     ("unknown nested key", ["prune", 0, "drop_rate"], 0.5, ["prune[0]", "drop_rate"]),
     ("drop rate out of range", ["prune", 0, "drop_rates"], [0.0, 1.5], ["prune[0].drop_rates[1]", "1.5"]),
     ("unknown method", ["prune", 0, "method"], "dare-typo", ["prune[0].method", "dare-typo"]),

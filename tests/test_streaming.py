@@ -24,7 +24,8 @@ from methods.io.streaming import LazyCheckpoint, ShardedWriter, chunk_ranges
 from methods.merge import common as mc
 from methods.merge.apply import merge_state_dicts
 from methods.prune.apply import prune_state_dict
-from methods.stream import _Selection, _WindowSearch, stream_merge, stream_prune
+from methods import stream as streaming_ops
+from methods.stream import _Buffers, _Selection, _WindowSearch, stream_merge, stream_prune
 from methods import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,6 +346,67 @@ def test_stream_merge_equals_in_memory(zoo, tmp_path, method, params, chunk):
     assert same_bits(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert info == want_info
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_stream_reads_and_computes_in_separate_buffer_sets(zoo, tmp_path, monkeypatch):
+    """Beside a GPU the reads land in host buffers apart from the computation's: with a separate
+    host set on the CPU too, every route still gives the in-memory bits (no route computes on
+    what it read without copying it where the computation runs, or writes a device buffer)."""
+    root, _, _ = zoo
+    hosts = []
+
+    def separate_host(self):
+        if self._host is None or self._host is self:
+            self._host = _Buffers()
+            hosts.append(self._host)
+        return self._host
+    monkeypatch.setattr(_Buffers, "host", property(separate_host))
+    exclude = [r"embed_tokens"]
+    for i, (method, params) in enumerate([("ties", {"density": 0.2, "granularity": "model"}),
+                                          ("ties", {"density": 0.35, "granularity": "tensor"}),
+                                          ("task-arithmetic", {"scale": 0.7}), ("dare-ta", {"drop_rate": 0.6})]):
+        (want, _), _ = _merge_ref(root, method, params, seed=3, exclude=exclude)
+        stream_merge(method, root / "base", {n: root / n for n in NAMES}, tmp_path / f"m{i}", params, seed=3,
+                     exclude=exclude, chunk_elements=29, read_elements=87, device="cpu")
+        got = load_state_dict(tmp_path / f"m{i}")
+        assert_same_state({k: got[k] for k in want}, want)
+    params = registry.get("prune", "dare").resolve({"drop_rate": 0.9}, "test")
+    want, _ = _prune_ref(root, "ft_a", "dare", params, 5, [])
+    stream_prune(root / "base", root / "ft_a", tmp_path / "p", "dare", params, 5, chunk_elements=37,
+                 read_elements=74, device="cpu")
+    assert_same_state(load_state_dict(tmp_path / "p"), want)
+    assert hosts
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("method,params", MERGES)
+def test_stream_merge_on_cuda_equals_cpu(zoo, tmp_path, method, params):
+    """On a GPU: element-wise merges give the CPU's bits; TIES sums three models, which CUDA may
+    reduce in another order (within float32 rounding, so within one bf16 step)."""
+    root, _, _ = zoo
+    (want, _), _ = _merge_ref(root, method, params, seed=3)
+    stream_merge(method, root / "base", {n: root / n for n in NAMES}, tmp_path / "out", params, seed=3,
+                 chunk_elements=29, read_elements=87, device="cuda")
+    got = load_state_dict(tmp_path / "out")
+    if method in streaming_ops.ELEMENTWISE_MERGES:
+        assert_same_state({k: got[k] for k in want}, want)
+    else:
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-2, atol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("params", [{"drop_rate": 0.9}, {"drop_rate": 0.7, "rescale_rule": "l1-match"}])
+def test_stream_dare_on_cuda_equals_cpu(zoo, tmp_path, params):
+    """DARE on a GPU: the masks come from the CPU generator, the arithmetic is element-wise."""
+    root, _, _ = zoo
+    params = registry.get("prune", "dare").resolve(params, "test")
+    want, _ = _prune_ref(root, "ft_a", "dare", params, 5, [])
+    stream_prune(root / "base", root / "ft_a", tmp_path / "out", "dare", params, 5, device="cuda")
+    assert_same_state(load_state_dict(tmp_path / "out"), want)
 
 
 @pytest.mark.parametrize("granularity", ["model", "tensor"])

@@ -27,15 +27,21 @@ def job(log_path: str | Path | None, threads: int = 1, gpus: int | None = None) 
     """Send the job's stdout/stderr (progress bars included) to its log file, pin torch's thread
     count to the job's share of cores, make torch deterministic, and keep everything offline.
     GPUs: hold `gpus` GPU slots (default: the job's `gpu` resource) and set CUDA_VISIBLE_DEVICES
-    to them before torch can initialise CUDA; none for a CPU-only job (methods/io/gpu_slots.py)."""
+    to them before torch can initialise CUDA; none for a CPU-only job (methods/io/gpu_slots.py).
+    Float32 stays float32 on a GPU (no TF32: methods/device.py)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA initialises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     with gpu_slots(requested_gpus() if gpus is None else gpus) as allocation:
         import torch
 
+        from methods.device import strict_float32
+
         torch.set_num_threads(max(1, int(threads)))
         torch.use_deterministic_algorithms(True, warn_only=True)
+        strict_float32()
         logger = logging.getLogger("dcbench")
         if log_path is None:
             yield logger

@@ -514,6 +514,8 @@ if workflow.is_main_process:
     os.environ["DCBENCH_GPUS_PER_JOB"] = "1" if _global_resource("gpu") > 0 else "0"
     os.environ["DCBENCH_GPU_POOL"] = str(_global_resource("gpu"))  # read by methods/io/gpu_slots.py
 GPUS_PER_JOB = int(os.environ.get("DCBENCH_GPUS_PER_JOB", "0"))
+# where the computing jobs compute (methods/device.py: compute_device reads it in the job)
+os.environ["DCBENCH_DEVICE"] = config["device"]
 
 # What each kind of job asks for on its first attempt: memory (MB), run time (minutes), a GPU or not.
 # Memory and run time grow with the attempt, so `--retries N` resubmits a job that a scheduler killed
