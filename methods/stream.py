@@ -1,10 +1,13 @@
-"""Streaming delta operations: prune and merge checkpoints of any size in bounded memory.
+"""Streaming delta operations: prune, merge and quantize checkpoints of any size in bounded memory.
 
-``stream_prune`` is ``methods.prune.apply.prune_state_dict`` followed by ``save_like``, and
+``stream_prune`` is ``methods.prune.apply.prune_state_dict`` followed by ``save_like``,
 ``stream_merge`` is ``methods.merge.apply.merge_state_dicts`` followed by writing the merged
-tensors, but both read the inputs block by block (``read_elements`` per tensor and input) from
-sharded safetensors (``methods.io.streaming.LazyCheckpoint``), compute on chunks of
-``chunk_elements`` and write the output shard by shard, atomically (``ShardedWriter``). Memory is
+tensors, and ``stream_quantize`` is ``methods.quantize.apply.quantize_model`` followed by
+``save_artifact`` (for quantizers that need nothing but the target: RTN, StatsQ, NUPES
+data-free, one target at a time, in float32, the rest copied block by block into an
+``ArtifactWriter``). The first two read the inputs block by block (``read_elements`` per
+tensor and input) from sharded safetensors (``methods.io.streaming.LazyCheckpoint``), compute on
+chunks of ``chunk_elements`` and write the output shard by shard, atomically (``ShardedWriter``). Memory is
 a fixed set of reused buffers sized by those two numbers — a few tens of MB — whatever the model
 size. A reader thread reads the next blocks and prepares them (task arithmetic: float32
 conversion; DARE: its random numbers come from a third thread) while the main thread computes and
@@ -210,6 +213,8 @@ def _spec(family: str, name: str) -> registry.MethodSpec:
     import methods.merge  # noqa: F401  (registers the merge methods)
     import methods.prune  # noqa: F401  (registers the prune methods)
 
+    if family == "quantize":
+        import methods.quantize  # noqa: F401  (registers the quantizers)
     return registry._REGISTRY[family].get(name) or registry.get(family, name)
 
 
@@ -1185,3 +1190,79 @@ class _Patches:
 
     def close(self) -> None:
         self.file.close()
+
+
+# --- delta quantization --------------------------------------------------------------------------
+
+def _not_per_tensor(method: str, params: dict) -> str | None:
+    """Why a quantizer cannot work one tensor at a time (None: it can): it must quantize each target
+    from that target alone, without the model or calibration data."""
+    if method in ("rtn", "statsq"):
+        return None
+    if method == "nupes":
+        if params["mode"] != "data-free":
+            return "its data-driven mode runs the model on calibration data"
+        if params["exponent_scope"] != "layer":
+            return "exponent_scope 'global' searches one exponent over all tensors at once"
+        return None
+    return "it runs the model on calibration data"
+
+
+def stream_quantize(source: str | Path, out_dir: str | Path, method: str, params: dict, names: Iterable[str], *,
+                    base: str | Path | None = None, metadata: dict | None = None, seed: int = 0,
+                    device: torch.device | str = "cpu", is_encoder: bool = True,
+                    read_elements: int = DEFAULT_READ_ELEMENTS * 16) -> dict:
+    """Quantize tensors ``names`` of checkpoint ``source`` (or, with ``base``, their deltas against
+    it) into the artifact directory ``out_dir``, one tensor at a time; returns its bit accounting.
+
+    Same artifact as ``quantize_model(model, method, params, target="delta" if base else
+    "weights", base=...)`` followed by ``save_artifact(out_dir, quantized, <every tensor of
+    source>, metadata)`` (the quantize rule's passthrough): the same records, passthrough tensors
+    and ``artifact_hash``. Memory holds one target in float32 (and its base), whatever the model
+    size; passthrough tensors are copied block by block. Only quantizers that quantize each target
+    on its own can stream (RTN, StatsQ, NUPES data-free with a per-layer exponent); ``names`` are
+    the tensors ``quantize_model`` would pick (``methods.quantize.apply.quantizable_names``).
+    ``device``: where each target is quantized."""
+    from methods.quantize.artifact import ArtifactWriter, bit_accounting
+    from methods.quantize.common import QuantizeContext
+
+    spec = _spec("quantize", method)
+    params = spec.resolve(params, f"quantize {method} params")
+    reason = _not_per_tensor(method, params)
+    if reason is not None:
+        raise NotImplementedError(f"quantize method {method!r} with {params} cannot stream one tensor at a time: "
+                                  f"{reason} (use quantize_model)")
+    device = torch.device(device)
+    names = list(dict.fromkeys(names))
+    with LazyCheckpoint(source) as src, contextlib.ExitStack() as stack:
+        unknown = [n for n in names if n not in src.names]
+        if unknown:
+            raise KeyError(f"{source}: no tensors {unknown[:3]} to quantize")
+        offsets_from = None
+        if base is not None:
+            offsets_from = stack.enter_context(LazyCheckpoint(base))
+            base_of = _base_names(offsets_from, src, f"quantize {source}")
+            missing = [n for n in names if n not in base_of]
+            if missing:
+                raise KeyError(f"the base has no tensors {missing[:3]} to take the delta against")
+        wanted = set(names)
+        with ArtifactWriter(out_dir, metadata if metadata is not None else {}, src.names) as writer:
+            for name in src.names:   # storage order: every file is read front to back
+                shape = src.shape(name)
+                if name not in wanted:
+                    sink = writer.passthrough_sink(name, src.dtype(name), shape)
+                    for a, b in chunk_ranges(src.numel(name), read_elements):
+                        sink.write(src.read(name, a, b))
+                    sink.close()
+                    continue
+                weight = src.read(name).reshape(shape).to(device, _F32)
+                offsets = None
+                if offsets_from is not None:   # quantize_model: f32(θ) − f32(θ_base)
+                    offsets = {name: offsets_from.read(base_of[name]).reshape(shape).to(device, _F32)}
+                    weight = weight - offsets[name]
+                context = QuantizeContext(offsets=offsets, seed=seed, device=str(device), is_encoder=is_encoder)
+                quantized = spec.fn({name: weight}, context=context, **params)
+                if name not in quantized:
+                    raise RuntimeError(f"quantize method {method!r} returned no result for {name!r}")
+                writer.add(name, quantized[name].cpu())
+    return bit_accounting(out_dir)

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from methods.io.checkpoint import CorruptCheckpointError, atomic_dir
-from methods.quantize.artifact import (JSON_FILE, TENSORS_FILE, OffGridError, artifact_hash, assert_on_grid,
-                                       bit_accounting, index_bits, load_artifact, pack_bits, save_artifact,
-                                       unpack_bits)
+from methods.quantize.artifact import (JSON_FILE, TENSORS_FILE, ArtifactWriter, OffGridError, artifact_hash,
+                                       assert_on_grid, bit_accounting, index_bits, load_artifact, pack_bits,
+                                       save_artifact, unpack_bits)
 from methods.quantize.common import QuantizedTensor
 from methods.quantize.grids import GridSpec
 from methods.quantize.rtn import rtn_tensor
@@ -126,6 +126,43 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert stored["quantized/asym.g32.fp16/zero"].numel() == (8 * 4 * 4 + 7) // 8
     assert stored["quantized/power.gidx/extra/g_idx"].numel() == 128 * 3 // 8
     assert stored["quantized/floatzero/zero"].dtype == torch.float16
+
+
+def test_artifact_writer_writes_what_save_artifact_writes(tmp_path):
+    """Tensor by tensor (every record and passthrough kind above) into one file: the same records,
+    accounting and hash; a failure leaves the previous artifact, a tensor beyond the names it was
+    sized for is refused."""
+    quantized = records()
+    passthrough = {"embed": gaussian(10, 16).to(torch.bfloat16), "position_ids": torch.arange(7)}
+    metadata = {"model": "toy"}
+    accounting = save_artifact(tmp_path / "ref", quantized, passthrough, metadata)
+    names = ["embed", *quantized, "position_ids"]
+    with ArtifactWriter(tmp_path / "art", metadata, names) as writer:
+        writer.add_passthrough("embed", passthrough["embed"])
+        for name, record in quantized.items():
+            writer.add(name, record)
+        sink = writer.passthrough_sink("position_ids", torch.int64, (7,))
+        for chunk in torch.arange(7).split(3):
+            sink.write(chunk)
+        sink.close()
+        with pytest.raises(ValueError, match="added twice"):
+            writer.add("embed", quantized["statsq.2bit"])
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == sorted([JSON_FILE, TENSORS_FILE])
+    assert bit_accounting(tmp_path / "art") == accounting
+    assert artifact_hash(tmp_path / "art") == artifact_hash(tmp_path / "ref")
+    loaded, loaded_passthrough, _ = load_artifact(tmp_path / "art")
+    for name in quantized:
+        assert_same_record(quantized[name], loaded[name])
+    assert all(torch.equal(loaded_passthrough[k], v) for k, v in passthrough.items())
+    with pytest.raises(TypeError, match="JSON"):
+        with ArtifactWriter(tmp_path / "art", {"run": object()}, names) as writer:
+            writer.add_passthrough("embed", passthrough["embed"])
+    with pytest.raises(ValueError, match="does not fit the single file"):
+        with ArtifactWriter(tmp_path / "art", metadata, ["w"]) as writer:
+            for i in range(200):
+                writer.add_passthrough(f"a rather long tensor name that was never announced {i}", torch.ones(1))
+    assert artifact_hash(tmp_path / "art") == artifact_hash(tmp_path / "ref")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "ref"]
 
 
 def test_a_failed_save_leaves_the_previous_artifact(tmp_path):

@@ -25,7 +25,7 @@ from methods.merge import common as mc
 from methods.merge.apply import merge_state_dicts
 from methods.prune.apply import prune_state_dict
 from methods import stream as streaming_ops
-from methods.stream import _Buffers, _Selection, _WindowSearch, stream_merge, stream_prune
+from methods.stream import _Buffers, _Selection, _WindowSearch, stream_merge, stream_prune, stream_quantize
 from methods import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -691,3 +691,70 @@ def test_sharded_writer_patch(tmp_path):
     a[index] = 7.0
     b[torch.tensor([3, 999])] = torch.tensor([1.5, -2.5])
     assert same_bits(got["a"], a) and same_bits(got["b"], b)
+
+
+# --- delta quantization -------------------------------------------------------------------------
+
+QUANTIZERS = [
+    ("rtn", {"bits": 3, "scheme": "asym", "group_size": 16}),
+    ("rtn", {"bits": 4, "scheme": "sym-full", "group_size": -1, "mse_clip": True}),
+    ("statsq", {"bits": 2}),
+    ("nupes", {"bits": 4, "mode": "data-free", "exponent_scope": "layer"}),
+]
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    """A tiny Llama fine-tune and its base as bf16 checkpoints of several shards."""
+    from conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("quant_pair")
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(root / "ft", max_shard_size="20KB")
+    g = torch.Generator().manual_seed(1)
+    base = {k: (v.float() - 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in model.state_dict().items()}
+    write_sharded(base, root / "base", 2)
+    return root
+
+
+@pytest.mark.parametrize("method,params", QUANTIZERS)
+@pytest.mark.parametrize("target", ["delta", "weights"])
+def test_stream_quantize_equals_quantize_model_and_save_artifact(llama_pair, tmp_path, method, params, target):
+    from transformers import AutoModelForCausalLM
+
+    from methods.quantize.apply import quantizable, quantize_model
+    from methods.quantize.artifact import artifact_hash, bit_accounting, load_artifact, save_artifact
+
+    root = llama_pair
+    assert len(list((root / "ft").glob("*.safetensors"))) > 1
+    params = registry.get("quantize", method).resolve(params, "test")
+    model = AutoModelForCausalLM.from_pretrained(root / "ft", dtype=torch.float32)
+    names = quantizable(model, exclude=[r"\.0\.mlp\.down"])
+    base = align_names(load_state_dict(root / "base"), model.state_dict(), "ref") if target == "delta" else None
+    quantized = quantize_model(model, method, params, target=target, base=base, exclude=[r"\.0\.mlp\.down"], seed=2)
+    metadata = {"method": method, "target": target}
+    want = save_artifact(tmp_path / "ref", quantized, load_state_dict(root / "ft"), metadata)
+    got = stream_quantize(root / "ft", tmp_path / "out", method, params, names, metadata=metadata, seed=2,
+                          base=root / "base" if target == "delta" else None, read_elements=100)
+    assert got == want == bit_accounting(tmp_path / "out")
+    assert artifact_hash(tmp_path / "out") == artifact_hash(tmp_path / "ref")
+    records, passthrough, meta = load_artifact(tmp_path / "out")
+    ref_records, ref_passthrough, ref_meta = load_artifact(tmp_path / "ref")
+    assert meta == ref_meta and sorted(records) == sorted(names) and list(records) == list(ref_records)
+    assert_same_state(passthrough, ref_passthrough)
+    for name, record in records.items():
+        assert same_bits(record.dequantize(), ref_records[name].dequantize())
+
+
+def test_stream_quantize_refuses_what_cannot_stream(llama_pair, tmp_path):
+    root = llama_pair
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for method, params in [("gptq", {}), ("nupes", {"exponent_scope": "global"}), ("nupes", {"mode": "data-driven"})]:
+        with pytest.raises(NotImplementedError, match="cannot stream"):
+            stream_quantize(root / "ft", tmp_path / "x", method, params, [name])
+    with pytest.raises(KeyError, match="no tensors"):
+        stream_quantize(root / "ft", tmp_path / "x", "rtn", {}, ["model.layers.9.mlp.up_proj.weight"])
+    write_sharded({k: v for k, v in load_state_dict(root / "base").items() if k != name}, tmp_path / "nobase", 1)
+    with pytest.raises(KeyError, match="delta against"):
+        stream_quantize(root / "ft", tmp_path / "x", "rtn", {}, [name], base=tmp_path / "nobase")
+    assert not (tmp_path / "x").exists()

@@ -336,11 +336,13 @@ class TensorSink:
 
 class ShardedWriter:
     """Write a checkpoint tensor by tensor into shards of at most ``max_shard_bytes``; commit
-    atomically on leaving the ``with`` block (see the module docstring)."""
+    atomically on leaving the ``with`` block (see the module docstring). ``single_file``: write one
+    file of that name instead (no index); a tensor that would need a second one is refused."""
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  metadata: dict[str, str] | None = None, template_dir: str | Path | None = None,
-                 check_finite: bool = True, header_bytes: int = HEADER_BYTES, direct: bool = True):
+                 check_finite: bool = True, header_bytes: int = HEADER_BYTES, direct: bool = True,
+                 single_file: str | None = None):
         if max_shard_bytes < 1:
             raise ValueError(f"max_shard_bytes must be ≥ 1, got {max_shard_bytes}")
         if header_bytes % 8 or header_bytes < 64:
@@ -352,6 +354,7 @@ class ShardedWriter:
         self.check_finite = check_finite
         self.header_bytes = header_bytes
         self.direct = direct
+        self.single_file = single_file
         self.shards: list[_Shard] = []
         self.names: set[str] = set()
         self._open: TensorSink | None = None
@@ -391,6 +394,13 @@ class ShardedWriter:
         for shard in self.shards:
             shard.out.release()
 
+    @property
+    def staging(self) -> Path:
+        """The directory the output is assembled in until the commit (other files may go there)."""
+        if self._tmp is None:
+            raise RuntimeError("use ShardedWriter inside a with block")
+        return self._tmp
+
     # --- writing ------------------------------------------------------------------------------
     def tensor(self, name: str, dtype: torch.dtype, shape) -> TensorSink:
         """Start tensor ``name``; write its data with ``sink.write(chunk)`` (flat row-major order,
@@ -414,6 +424,9 @@ class ShardedWriter:
                 shard.close(self.metadata)
                 shard = None
         if shard is None:
+            if self.shards and self.single_file:
+                raise ValueError(f"tensor {name!r} does not fit the single file {self.single_file} (size or header "
+                                 f"reservation of {self.header_bytes} bytes)")
             shard = _Shard(self._tmp / f".shard-{len(self.shards) + 1:05d}", self.header_bytes, self.direct)
             self.shards.append(shard)
         probe = {name: {**entry, "data_offsets": [shard.size, shard.size + nbytes]}}
@@ -485,7 +498,8 @@ class ShardedWriter:
         if not last.out.closed:
             last.close(self.metadata)
         n = len(self.shards)
-        names = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = [self.single_file or WEIGHTS] if n == 1 else \
+            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
         for shard, file_name in zip(self.shards, names):
             os.replace(shard.path, self._tmp / file_name)

@@ -258,14 +258,71 @@ def _key(name: str, part: str) -> str:
     return f"quantized/{name}/{part}"
 
 
+def _record_parts(name: str, qt: QuantizedTensor) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+    """The artifact.json record of one quantized tensor and its stored parts (key, tensor), packed."""
+    _check_record(name, qt)
+    bits = _check_bits(qt.bits, f"quantized[{name!r}].bits")
+    rows, cols = qt.codes.shape
+    record = {"shape": [rows, cols], "bits": bits, "width": int(qt.width), "decode": qt.decode,
+              "implicit_zero": qt.implicit_zero, "codes_dtype": _dtype_name(qt.codes.dtype),
+              "info": qt.info}
+    try:
+        parts = [(_key(name, "codes"), pack_bits(qt.codes, bits))]
+    except ValueError as error:
+        raise ValueError(f"quantized[{name!r}].codes: {error}") from None
+    record["codes"] = {"key": _key(name, "codes"), "packed_bits": bits, "count": rows * cols}
+    parts.append((_key(name, "scale"), qt.scale))
+    record["scale"] = {"key": _key(name, "scale")}
+    if qt.zero is None:
+        record["zero"] = None
+    elif _integral_in(qt.zero, bits):
+        parts.append((_key(name, "zero"), pack_bits(qt.zero, bits)))
+        record["zero"] = {"key": _key(name, "zero"), "packed_bits": bits, "count": qt.zero.numel(),
+                          "shape": list(qt.zero.shape), "dtype": _dtype_name(qt.zero.dtype)}
+    else:
+        parts.append((_key(name, "zero"), qt.zero))
+        record["zero"] = {"key": _key(name, "zero")}
+    extras = {}
+    for extra, value in qt.extras.items():
+        key = _key(name, f"extra/{extra}")
+        if extra == "g_idx":
+            width = index_bits(qt.scale.shape[1])
+            if not _integral_in(value, width) or (value.numel() and int(value.max()) >= qt.scale.shape[1]):
+                raise ValueError(f"quantized[{name!r}].extras['g_idx']: entries must be group numbers in "
+                                 f"[0, {qt.scale.shape[1]})")
+            parts.append((key, pack_bits(value, width)))
+            extras[extra] = {"key": key, "packed_bits": width, "count": value.numel(),
+                             "shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
+        else:
+            parts.append((key, value))
+            extras[extra] = {"key": key}
+    record["extras"] = extras
+    return record, parts
+
+
+def _check_metadata(metadata: dict) -> None:
+    if not isinstance(metadata, dict) or "bits" in metadata:
+        raise ValueError("save_artifact: metadata must be a dict without the key 'bits' (reserved for the "
+                         "bit accounting that load_artifact adds)")
+
+
+def _document(metadata: dict, records: dict, passthrough: list[str]) -> dict:
+    document = {"format": FORMAT, "version": VERSION, "metadata": metadata, "tensors": records,
+                "passthrough": sorted(passthrough)}
+    try:
+        json.dumps(document)
+    except TypeError as error:
+        raise TypeError(f"save_artifact: metadata and info must be JSON-serialisable ({error})") from None
+    return document
+
+
 def save_artifact(path_dir: str | Path, quantized: dict[str, QuantizedTensor],
                   passthrough: dict[str, torch.Tensor], metadata: dict) -> dict:
     """Write the artifact directory ``path_dir`` atomically (see the module docstring for the layout) and
     return its ``bit_accounting``. ``metadata`` (and each record's ``info``) must be JSON-serialisable;
-    passthrough tensors named like a quantized one are left out (the quantized record replaces them)."""
-    if not isinstance(metadata, dict) or "bits" in metadata:
-        raise ValueError("save_artifact: metadata must be a dict without the key 'bits' (reserved for the "
-                         "bit accounting that load_artifact adds)")
+    passthrough tensors named like a quantized one are left out (the quantized record replaces them).
+    ``ArtifactWriter`` writes the same artifact one tensor at a time."""
+    _check_metadata(metadata)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
 
@@ -283,58 +340,85 @@ def save_artifact(path_dir: str | Path, quantized: dict[str, QuantizedTensor],
     passthrough = {name: tensor for name, tensor in passthrough.items() if name not in quantized}
     records = {}
     for name, qt in quantized.items():
-        _check_record(name, qt)
-        bits = _check_bits(qt.bits, f"quantized[{name!r}].bits")
-        rows, cols = qt.codes.shape
-        record = {"shape": [rows, cols], "bits": bits, "width": int(qt.width), "decode": qt.decode,
-                  "implicit_zero": qt.implicit_zero, "codes_dtype": _dtype_name(qt.codes.dtype),
-                  "info": qt.info}
-        try:
-            put(_key(name, "codes"), pack_bits(qt.codes, bits))
-        except ValueError as error:
-            raise ValueError(f"quantized[{name!r}].codes: {error}") from None
-        record["codes"] = {"key": _key(name, "codes"), "packed_bits": bits, "count": rows * cols}
-        put(_key(name, "scale"), qt.scale)
-        record["scale"] = {"key": _key(name, "scale")}
-        if qt.zero is None:
-            record["zero"] = None
-        elif _integral_in(qt.zero, bits):
-            put(_key(name, "zero"), pack_bits(qt.zero, bits))
-            record["zero"] = {"key": _key(name, "zero"), "packed_bits": bits, "count": qt.zero.numel(),
-                              "shape": list(qt.zero.shape), "dtype": _dtype_name(qt.zero.dtype)}
-        else:
-            put(_key(name, "zero"), qt.zero)
-            record["zero"] = {"key": _key(name, "zero")}
-        extras = {}
-        for extra, value in qt.extras.items():
-            key = _key(name, f"extra/{extra}")
-            if extra == "g_idx":
-                width = index_bits(qt.scale.shape[1])
-                if not _integral_in(value, width) or (value.numel() and int(value.max()) >= qt.scale.shape[1]):
-                    raise ValueError(f"quantized[{name!r}].extras['g_idx']: entries must be group numbers in "
-                                     f"[0, {qt.scale.shape[1]})")
-                put(key, pack_bits(value, width))
-                extras[extra] = {"key": key, "packed_bits": width, "count": value.numel(),
-                                 "shape": list(value.shape), "dtype": _dtype_name(value.dtype)}
-            else:
-                put(key, value)
-                extras[extra] = {"key": key}
-        record["extras"] = extras
-        records[name] = record
+        records[name], parts = _record_parts(name, qt)
+        for key, tensor in parts:
+            put(key, tensor)
     for name, tensor in passthrough.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"passthrough[{name!r}]: expected a tensor, got {type(tensor).__name__}")
+        _check_passthrough(name, tensor)
         put(f"passthrough/{name}", tensor)
-    document = {"format": FORMAT, "version": VERSION, "metadata": metadata, "tensors": records,
-                "passthrough": sorted(passthrough)}
-    try:
-        json.dumps(document)
-    except TypeError as error:
-        raise TypeError(f"save_artifact: metadata and info must be JSON-serialisable ({error})") from None
+    document = _document(metadata, records, list(passthrough))
     with atomic_dir(path_dir) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
         write_json(document, tmp / JSON_FILE)
     return bit_accounting(path_dir)
+
+
+def _check_passthrough(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"passthrough[{name!r}]: expected a tensor, got {type(tensor).__name__}")
+
+
+class ArtifactWriter:
+    """``save_artifact`` one tensor at a time, for models that do not fit in memory: ``add`` a
+    quantized record or ``add_passthrough`` a tensor (chunk by chunk with ``passthrough_sink``) as
+    they come, inside a ``with`` block that commits the directory atomically on success. The
+    result reads back like ``save_artifact``'s, with the same ``artifact_hash``.
+
+    The safetensors header is written last, into space reserved at the front of the file, so the
+    reservation is sized from ``names`` (every tensor that may be added) before the first byte."""
+
+    # header bytes per stored key beyond its name: dtype, shape and offsets as JSON
+    _ENTRY_BYTES = 128
+    # stored parts per quantized tensor at most: codes, scale, zero, g_idx, one more extra
+    _PARTS = ("codes", "scale", "zero", "extra/g_idx", "extra/exponent")
+
+    def __init__(self, path_dir: str | Path, metadata: dict, names: list[str]):
+        from methods.io.streaming import ShardedWriter
+
+        _check_metadata(metadata)
+        self.path_dir = Path(path_dir)
+        self.metadata = metadata
+        self.records: dict[str, dict] = {}
+        self.passthrough: list[str] = []
+        keys = [_key(n, part) for n in names for part in self._PARTS] + [f"passthrough/{n}" for n in names]
+        header = 4096 + sum(len(k.encode()) + self._ENTRY_BYTES for k in keys)
+        self.writer = ShardedWriter(self.path_dir, max_shard_bytes=1 << 62, header_bytes=-(-header // 8) * 8,
+                                    metadata={"format": FORMAT, "version": str(VERSION)}, check_finite=False,
+                                    single_file=TENSORS_FILE)
+
+    def __enter__(self) -> "ArtifactWriter":
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                write_json(_document(self.metadata, self.records, self.passthrough), self.writer.staging / JSON_FILE)
+            except BaseException as error:  # noqa: BLE001 - re-raised once the staging directory is gone
+                self.writer.__exit__(type(error), error, error.__traceback__)
+                raise
+        return self.writer.__exit__(exc_type, exc, tb)
+
+    def add(self, name: str, qt: QuantizedTensor) -> None:
+        if name in self.records or name in self.passthrough:
+            raise ValueError(f"ArtifactWriter: tensor {name!r} added twice")
+        record, parts = _record_parts(name, qt)
+        for key, tensor in parts:
+            self.writer.add(key, tensor.detach().cpu().contiguous())
+        self.records[name] = record
+
+    def passthrough_sink(self, name: str, dtype: torch.dtype, shape):
+        """A sink for passthrough tensor ``name`` (``write`` its chunks, then ``close``)."""
+        if name in self.records or name in self.passthrough:
+            raise ValueError(f"ArtifactWriter: tensor {name!r} added twice")
+        self.passthrough.append(name)
+        return self.writer.tensor(f"passthrough/{name}", dtype, shape)
+
+    def add_passthrough(self, name: str, tensor: torch.Tensor) -> None:
+        _check_passthrough(name, tensor)
+        sink = self.passthrough_sink(name, tensor.dtype, tensor.shape)
+        sink.write(tensor.detach().cpu().contiguous())
+        sink.close()
 
 
 def _read_document(path_dir: Path) -> dict:
