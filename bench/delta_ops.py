@@ -20,7 +20,9 @@ Operations: ``floor-1`` / ``floor-N`` read base + 1 / base + N models with safet
 ``save_file`` per shard, nothing else; ``floor-ours-N`` does the same with our reader and writer
 (methods/io/streaming.py); ``dare`` = our DARE of one model (p = 0.9, rescale 1/(1−p));
 ``ta`` = our task arithmetic of N models; ``ties`` / ``ties-tensor`` = our TIES (paper
-semantics, density 0.2) with the official model-level trim / per-tensor trim; ``mk-dare``,
+semantics, density 0.2) with the official model-level trim / per-tensor trim; ``dq`` = our
+streamed delta quantization of one model (RTN, 4 bits, asymmetric, groups of 128, the block
+Linears; the rest passes through into the artifact); ``mk-dare``,
 ``mk-ta``, ``mk-ties`` = ``mergekit-yaml`` with ``dare_linear`` (1 model, density 1 − p),
 ``task_arithmetic`` and ``ties`` (density 0.2, weights 1, normalize true).
 """
@@ -44,10 +46,10 @@ if str(REPO) not in sys.path:
 
 VOCAB = 32000
 HIDDEN_SIZES = (512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
-OURS = ("floor-1", "floor-N", "floor-ours-N", "dare", "ta", "ties", "ties-tensor")
+OURS = ("floor-1", "floor-N", "floor-ours-N", "dare", "ta", "ties", "ties-tensor", "dq")
 MERGEKIT = ("mk-dare", "mk-ta", "mk-ties")
 DEFAULT_OPS = ("floor-1", "floor-N", "dare", "ta", "ties", "ties-tensor", "mk-dare", "mk-ta", "mk-ties")
-FLOOR_OF = {"dare": "floor-1", "mk-dare": "floor-1"}  # everything else: floor-N
+FLOOR_OF = {"dare": "floor-1", "mk-dare": "floor-1", "dq": "floor-1"}  # everything else: floor-N
 MERGEKIT_OF = {"dare": "mk-dare", "ta": "mk-ta", "ties": "mk-ties", "ties-tensor": "mk-ties"}
 GPU_PEAK = "peak GPU memory GB: "
 
@@ -295,6 +297,11 @@ def run_op(args) -> None:
         stream_prune(root / "base", root / "ft_0", out, "dare",
                      {"drop_rate": args.drop_rate, "rescale": True, "rescale_rule": "inverse-keep"}, args.seed,
                      max_shard_bytes=shard_bytes, chunk_elements=args.chunk, device=args.device)
+    elif args.name == "dq":
+        from methods.quantize.apply import quantizable_names
+        from methods.stream import stream_quantize
+        stream_quantize(root / "ft_0", out, "rtn", {"bits": 4, "scheme": "asym", "group_size": 128},
+                        quantizable_names(root / "ft_0"), base=root / "base", seed=args.seed, device=args.device)
     else:
         from methods.stream import stream_merge
         models = {f"ft_{t}": root / f"ft_{t}" for t in range(n)}

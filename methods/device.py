@@ -60,6 +60,23 @@ def strict_float32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def divide(tensor: torch.Tensor, divisor: float | torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor / divisor``, correctly rounded on every device. CUDA divides a tensor by a Python
+    number as a product with its reciprocal, which can be one bit off; a divisor tensor on the same
+    device is divided exactly there, and on the CPU it gives the very bits of the Python number."""
+    if not isinstance(divisor, torch.Tensor):
+        divisor = torch.tensor(divisor, dtype=tensor.dtype, device=tensor.device)
+    return torch.div(tensor, divisor, out=out)
+
+
+def cache_key(device: torch.device) -> dict:
+    """What a between-workflow cache key (``methods.io.store``) adds for a result computed on
+    ``device``: training on a GPU gives other bits than on the CPU (dropout draws from the GPU's
+    generator; reductions round in another order), so GPU results are cached apart. CPU keys stay
+    as they were before devices were chosen, so earlier entries remain valid."""
+    return {} if device.type == "cpu" else {"device": device.type}
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` on the CPU (itself when it is there already)."""
     return tensor if tensor.device.type == "cpu" else tensor.cpu()

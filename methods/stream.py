@@ -70,7 +70,8 @@ Each ``_Buffers`` set then holds its scratch on the GPU and, beside it, page-loc
 that the reads land in and the results are copied to before they are written. Chunks are larger
 there (``ACCELERATOR_CHUNK_ELEMENTS``): a GPU spends per chunk on kernel launches and
 synchronisations what a CPU spends on cache misses. Every operation of the chunk kernels is an
-IEEE float32 operation or integer/bit arithmetic, which CUDA rounds as the CPU does, so a GPU
+IEEE float32 operation or integer/bit arithmetic, which CUDA rounds as the CPU does (divisions
+by a tensor: CUDA turns x / c for a Python number c into x · (1/c), ``methods.device.divide``), so a GPU
 gives the CPU's bits wherever a sum runs over at most two terms in a fixed order (DARE, task
 arithmetic of up to two models); sums over more models may be reduced in another order there
 (tests/test_streaming.py checks CUDA against the CPU where a GPU is present).
@@ -98,6 +99,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from methods import registry
+from methods.device import divide
 from methods.io.checkpoint import align_names
 from methods.io.streaming import DEFAULT_SHARD_BYTES, LazyCheckpoint, ShardedWriter, chunk_ranges
 from methods.merge import common as mc
@@ -445,8 +447,8 @@ class _DareTensor:
             pruned = ws("pruned", n, _F32)
             if uniform.device != pruned.device:     # drawn on the CPU (the mask's generator)
                 uniform = ws("uniform", n, _F32).copy_(uniform)
-            if self.rescale:
-                torch.div(delta, 1.0 - p, out=pruned)
+            if self.rescale:                     # dare_delta's divide: correctly rounded on a GPU too
+                divide(delta, 1.0 - p, out=pruned)
             else:
                 pruned.copy_(delta)
             # keep_mask: u >= p, as an AND mask: (bits(p) − 1) − bits(u) is negative exactly where

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from methods.device import DEVICE_ENV, compute_device, strict_float32, to_host
+from methods.device import DEVICE_ENV, cache_key, compute_device, divide, strict_float32, to_host
 
 
 def test_auto_is_the_visible_gpu_else_the_cpu(monkeypatch):
@@ -105,3 +105,16 @@ def test_gpu_check_refuses_a_machine_without_a_gpu_and_keeps_to_its_budget(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped (time budget" in result.stdout
     assert json.loads(next(tmp_path.glob("results-*.json")).read_text())["skipped"] == ["floor-N", "ta"]
+
+
+def test_gpu_results_are_cached_apart_and_cpu_keys_stay():
+    assert cache_key(torch.device("cpu")) == {}
+    assert cache_key(torch.device("cuda", 1)) == {"device": "cuda"}
+
+
+def test_divide_is_the_cpu_division_bit_for_bit():
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    for divisor in (0.1, 1 - 0.9, 3.0, 7, 1e-30):
+        assert torch.equal(divide(x, divisor).view(torch.int32), (x / divisor).view(torch.int32))
+    out = torch.empty_like(x)
+    assert divide(x, 0.3, out=out) is out

@@ -722,7 +722,7 @@ def llama_pair(tmp_path_factory):
 def test_stream_quantize_equals_quantize_model_and_save_artifact(llama_pair, tmp_path, method, params, target):
     from transformers import AutoModelForCausalLM
 
-    from methods.quantize.apply import quantizable, quantize_model
+    from methods.quantize.apply import quantizable, quantizable_names, quantize_model
     from methods.quantize.artifact import artifact_hash, bit_accounting, load_artifact, save_artifact
 
     root = llama_pair
@@ -730,6 +730,7 @@ def test_stream_quantize_equals_quantize_model_and_save_artifact(llama_pair, tmp
     params = registry.get("quantize", method).resolve(params, "test")
     model = AutoModelForCausalLM.from_pretrained(root / "ft", dtype=torch.float32)
     names = quantizable(model, exclude=[r"\.0\.mlp\.down"])
+    assert quantizable_names(root / "ft", exclude=[r"\.0\.mlp\.down"]) == names   # from the config alone
     base = align_names(load_state_dict(root / "base"), model.state_dict(), "ref") if target == "delta" else None
     quantized = quantize_model(model, method, params, target=target, base=base, exclude=[r"\.0\.mlp\.down"], seed=2)
     metadata = {"method": method, "target": target}

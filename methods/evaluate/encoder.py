@@ -7,19 +7,21 @@ import torch
 from tqdm.auto import tqdm
 
 from methods.evaluate.metrics import classification_metrics, regression_metrics
-from methods.finetune.batching import encode_texts, encoder_batch
+from methods.finetune.batching import batch_to, encode_texts, encoder_batch
 from methods.tasks import TaskSpec
 
 
 @torch.inference_mode()
 def predict(model, tokenizer, spec: TaskSpec, rows: list[dict], batch_size: int,
             max_length: int) -> list[float | int]:
+    """The model's prediction for every row (class index, or the regression value), computed where
+    the model is."""
     model.eval()
     predictions: list[float | int] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=f"evaluate {spec.name}", mininterval=2.0):
         chunk = rows[start:start + batch_size]
         encodings = encode_texts(tokenizer, spec.text_fields, chunk, max_length)
-        logits = model(**encoder_batch(encodings, tokenizer.pad_token_id)).logits
+        logits = model(**batch_to(encoder_batch(encodings, tokenizer.pad_token_id), model.device)).logits
         if spec.kind == "regression":
             predictions += logits[:, 0].tolist()
         else:

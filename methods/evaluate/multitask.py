@@ -27,17 +27,19 @@ class MultiTaskScorer:
 
     Tasks without data of the suite (source lm-eval: instruct, code) are not scored (``skipped``):
     the merge is chosen on the other tasks; with none left, a call returns NaN (no choice to make;
-    the workflow refuses a grid for such a model at start-up)."""
+    the workflow refuses a grid for such a model at start-up).
+
+    The task models live and compute on ``device``; merged tensors may come from any device."""
 
     def __init__(self, tasks: dict[str, tuple[TaskSpec, str | Path, str | Path]], batch_size: int,
-                 max_length: int):
+                 max_length: int, *, device: str | torch.device = "cpu"):
         self.batch_size, self.max_length = batch_size, max_length
         self.tasks = {}
         self.skipped = sorted(name for name, (spec, _, _) in tasks.items() if not has_suite_data(spec.name))
         for name, (spec, checkpoint, data_file) in sorted(tasks.items()):
             if name in self.skipped:
                 continue
-            model, tokenizer = load_task_model(checkpoint, spec)
+            model, tokenizer = load_task_model(checkpoint, spec, device=device)
             self.tasks[name] = (spec, model, tokenizer, data_file)
         self.reference = {name: self._primary(name) for name in self.tasks}
         self.history: list[dict[str, float]] = []

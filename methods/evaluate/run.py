@@ -17,8 +17,11 @@ from methods.tasks import TaskSpec
 from methods.data.jsonl import read_jsonl
 
 
-def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str, torch.Tensor] | None = None):
-    """The task's model class from ``checkpoint``, with ``overrides`` copied over its tensors."""
+def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str, torch.Tensor] | None = None,
+                    *, device: str | torch.device = "cpu"):
+    """The task's model class from ``checkpoint``, with ``overrides`` copied over its tensors, in eval
+    mode on ``device`` (the evaluators feed it batches there: ``encoder.predict``, lm-eval's HFLM,
+    ``perplexity``)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = load_for_task(checkpoint, spec)
     rows = model.get_input_embeddings().num_embeddings
@@ -27,14 +30,15 @@ def load_task_model(checkpoint: str | Path, spec: TaskSpec, overrides: dict[str,
                          f"{rows} rows; tokenizer and weights do not belong together")
     if overrides:
         apply_overrides(model, overrides, str(checkpoint))
+    model.to(device)
     model.eval()
     return model, tokenizer
 
 
 def apply_overrides(model: torch.nn.Module, overrides: dict[str, torch.Tensor], where: str) -> None:
-    """Copy ``overrides`` over the model's tensors of the same names (cast to their dtype). Every
-    override must name a tensor of the model with the same shape, so a merged body can never be
-    silently dropped onto the wrong architecture."""
+    """Copy ``overrides`` over the model's tensors of the same names (cast to their dtype, onto their
+    device). Every override must name a tensor of the model with the same shape, so a merged body can
+    never be silently dropped onto the wrong architecture."""
     own = model.state_dict()
     unknown = sorted(set(overrides) - set(own))
     if unknown:

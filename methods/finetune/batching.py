@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 IGNORE = -100  # label value the losses skip
@@ -32,4 +34,18 @@ def encoder_batch(encodings: list[dict], pad_id: int) -> dict:
              "attention_mask": pad([e["attention_mask"] for e in encodings], 0)}
     if "token_type_ids" in encodings[0]:
         batch["token_type_ids"] = pad([e["token_type_ids"] for e in encodings], 0)
+    return batch
+
+
+def batch_to(batch: Any, device: str | torch.device) -> Any:
+    """``batch`` with every tensor on ``device``: a dict of model keyword arguments, a tuple or list
+    of positional ones, or one tensor (nested freely); other values as they are. Batches are built
+    on the CPU, so what they hold (random masks, index order) does not depend on where the model
+    computes; a tensor already on ``device`` is returned as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: batch_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(batch_to(value, device) for value in batch)
     return batch

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from methods.finetune.batching import batch_to
+
 
 def no_decay(name: str) -> bool:
     """Biases and normalisation weights get no weight decay (the usual transformers grouping)."""
@@ -43,9 +45,17 @@ def index_stream(n: int, batch_size: int, generator: torch.Generator):
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           make_batch: Callable[[list[int]], dict], n_examples: int, steps: int, batch_size: int,
-          warmup_ratio: float, seed: int, desc: str, max_grad_norm: float = 1.0) -> list[float]:
+          warmup_ratio: float, seed: int, desc: str, max_grad_norm: float = 1.0,
+          *, device: str | torch.device | None = None) -> list[float]:
+    """Train for ``steps`` optimizer steps and return the loss of each. ``make_batch`` builds each
+    batch on the CPU from example indices (the index stream is a CPU generator, so the data order is
+    the same on every device); the batch is then moved to ``device`` (None: where the model's
+    parameters are). The model and its optimizer must already be on that device. Dropout draws from
+    that device's own generator, so a GPU run with the same seed drops other units than a CPU run."""
     if n_examples == 0:
         raise ValueError(f"{desc}: no training examples")
+    if device is None:
+        device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     scheduler = linear_schedule(optimizer, steps, warmup_ratio)
     batches = index_stream(n_examples, batch_size, generator)
@@ -53,7 +63,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     with tqdm(range(steps), desc=desc, mininterval=2.0) as bar:
         for step in bar:
-            loss = model(**make_batch(next(batches))).loss
+            loss = model(**batch_to(make_batch(next(batches)), device)).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
             loss.backward()

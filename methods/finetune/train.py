@@ -71,7 +71,10 @@ def load_for_task(checkpoint: str | Path, spec: TaskSpec, **kwargs):
 
 
 def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_dir: Path, *,
-             optimizer: str, optimizer_params: dict, budget: Budget, seed: int) -> list[float]:
+             optimizer: str, optimizer_params: dict, budget: Budget, seed: int,
+             device: str | torch.device = "cpu") -> list[float]:
+    """Fine-tune ``base_dir`` on ``train_rows``, save the model and tokenizer to ``out_dir`` and
+    return the loss of every step. Trains on ``device``; the checkpoint is written from the CPU."""
     seed_everything(seed)  # the new head's initialisation depends on the fine-tuning seed
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = load_for_task(base_dir, spec)
@@ -98,14 +101,20 @@ def finetune(base_dir: str | Path, spec: TaskSpec, train_rows: list[dict], out_d
     method = get("finetune", optimizer)
     if "prepare_model" in method.hooks:  # e.g. LoRA: train adapters, then merge them into the weights
         model = method.hooks["prepare_model"](model, spec, optimizer_params)
+    # Moved only now: the new head and any adapters are initialised on the CPU, so the starting
+    # weights do not depend on the device; and before the optimizer, whose state (AdamR's θ₀
+    # snapshot) is created where the parameters are.
+    model.to(device)
     extra = {}
     if "total_steps" in inspect.signature(method.fn).parameters:  # e.g. statsq-qat: CGA anneals the last steps
         extra["total_steps"] = budget.steps
     opt = method.fn(model, lr=budget.lr, weight_decay=budget.weight_decay, **optimizer_params, **extra)
     losses = train(model, opt, make_batch, len(train_rows), budget.steps, budget.batch_size,
-                   budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})")
+                   budget.warmup_ratio, seed, desc=f"fine-tune {spec.name} ({optimizer}, seed {seed})",
+                   device=device)
     if "finalize_model" in method.hooks:
         model = method.hooks["finalize_model"](model)
+    model.to("cpu")
     check_finite(model.state_dict(), f"fine-tuned {spec.name}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -12,6 +12,15 @@ sliced to the base's row count (rows of tokens the base lacks are dropped; logge
 processed in sorted-name order, so the result does not depend on the order of ``models``; all
 arithmetic is in float32 and cast once at the end.
 
+Device: ``device`` names where the arithmetic runs (None: where the tensors are). The float32
+copies of the merged tensors of the base and of every model are made there at once, because some
+methods need all of them together (TIES with ``granularity: model`` trims over each whole task
+vector); the merged tensors come back on the CPU. DARE masks are drawn on the CPU and moved (see 1.
+below) and divisions are correctly rounded on every device (``methods.device.divide``), so a
+merge is the same bit for bit on every device except where it sums over a tensor or over three or
+more models (the L1 rescale of ``semantics: mergekit``, SLERP's cosine, such sums of task vectors),
+whose order a GPU may change, or raises to a power (``delta-fusion``).
+
 Method-specific details: every registered merge function accepts an optional ``info`` dict; this
 module passes one and copies what the method recorded into the returned info (soup-greedy:
 ``ingredients``, ``scores``, ``candidate_scores``, ``soup_score``; slerp: ``slerp_order``,
@@ -70,6 +79,7 @@ from typing import Callable, Iterable
 import torch
 
 from methods import registry
+from methods.device import to_host
 from methods.io.checkpoint import load_tensors
 from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta
 from methods.prune.apply import excluded
@@ -141,13 +151,14 @@ def _select(base: dict[str, torch.Tensor], models: dict[str, dict[str, torch.Ten
 def merge_state_dicts(method: str, base: dict[str, torch.Tensor], models: dict[str, dict[str, torch.Tensor]],
                       params: dict, *, seed: int = 0, exclude: Iterable[str] = (), vocab_rule: str = "base",
                       score_fn: Callable[[dict[str, torch.Tensor]], float] | None = None,
-                      ) -> tuple[dict[str, torch.Tensor], dict]:
+                      device: str | torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Merge ``models`` (name → state dict, any dtype) on ``base`` with a registered merge method.
 
     ``params`` must already be resolved (``registry.get("merge", method).resolve``); ``seed`` seeds
-    DARE masks; ``score_fn`` (float32 state dict of the merged keys → validation score, higher is
-    better) is passed to the method (soup-greedy needs it). Returns (merged tensors in the base's
-    dtypes, info)."""
+    DARE masks; ``score_fn`` (float32 state dict of the merged keys, on ``device`` → validation
+    score, higher is better) is passed to the method (soup-greedy needs it). Computes on ``device``
+    (None: where the tensors are; see the module docstring). Returns (merged tensors in the base's
+    dtypes, on the CPU; info)."""
     if vocab_rule not in VOCAB_RULES:
         raise ValueError(f"unknown vocab_rule {vocab_rule!r}; known: {list(VOCAB_RULES)}")
     spec = registry.get("merge", method)
@@ -158,7 +169,8 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor], models: dict[s
 
     def prepared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # float32 views/copies of the merged tensors; vocabulary tensors sliced to the base's rows
-        return {k: (sd[k][:base[k].shape[0]] if k in vocab else sd[k]).to(torch.float32) for k in keys}
+        return {k: (sd[k][:base[k].shape[0]] if k in vocab else sd[k]).to(device=device, dtype=torch.float32)
+                for k in keys}
 
     base32 = prepared(base)
     models32 = [prepared(models[n]) for n in names]
@@ -167,7 +179,7 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor], models: dict[s
     if set(merged) != set(keys):
         raise RuntimeError(f"merge method {method!r} returned tensors {sorted(set(merged) ^ set(keys))} "
                            "it was not given (or dropped some)")
-    out = {k: merged[k].to(base[k].dtype) for k in keys}
+    out = {k: to_host(merged[k].to(base[k].dtype)) for k in keys}
     clash = _RESERVED & set(extra)
     if clash:
         raise RuntimeError(f"merge method {method!r} recorded reserved info keys {sorted(clash)}")

@@ -1,8 +1,10 @@
 """Building blocks shared by the merge methods (one implementation each; spec dpp_merge.md §3).
 
-Conventions: every function works in float32 and never modifies its inputs. A "stack" is a tensor
-of shape (T, *shape) holding one entry per model, in the models' sorted-name order (see
-``ordered``), so sums over models run in the same order whatever order the caller used.
+Conventions: every function works in float32 and never modifies its inputs, and computes on the
+device of the tensors it is given (every tensor it creates is made there; DARE masks are drawn on
+the CPU and moved). A "stack" is a tensor of shape (T, *shape) holding one entry per model, in the
+models' sorted-name order (see ``ordered``), so sums over models run in the same order whatever
+order the caller used.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from methods.device import divide
 from methods.prune.dare import dare_delta, keep_mask
 
 StateDict = dict[str, torch.Tensor]
@@ -32,6 +35,11 @@ def ordered(models: list[StateDict], names: list[str]) -> tuple[list[str], list[
 
 def f32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32)
+
+
+def scalar_like(value: float, tensor: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``tensor``'s dtype and device (for ``torch.where``)."""
+    return torch.full((), value, dtype=tensor.dtype, device=tensor.device)
 
 
 def stack_weights(models: list[StateDict], key: str) -> torch.Tensor:
@@ -56,7 +64,7 @@ def apply_delta(base_weight: torch.Tensor, merged_delta: torch.Tensor, scale: fl
 
 def uniform_mean(weights: torch.Tensor) -> torch.Tensor:
     """(1/N) Σ_i x_i over the leading axis: sum first, then divide (as mergekit's ``linear``)."""
-    return weights.sum(dim=0) / weights.shape[0]
+    return divide(weights.sum(dim=0), float(weights.shape[0]))
 
 
 # --- magnitude trim ---------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def trim_to_threshold(delta: torch.Tensor, threshold: float | None) -> torch.Ten
     """Zero the entries with |δ| below the threshold (None keeps everything)."""
     if threshold is None:
         return delta.clone()
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros((), dtype=delta.dtype))
+    return torch.where(delta.abs() >= threshold, delta, scalar_like(0.0, delta))
 
 
 def trim_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -110,10 +118,10 @@ def trim_top_exact(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k >= n:
         return delta.clone()
     flat = delta.reshape(-1)
-    keep = torch.zeros(n, dtype=torch.bool)
+    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
     if k:
         keep[torch.sort(flat.abs(), descending=True, stable=True).indices[:k]] = True
-    return torch.where(keep, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
+    return torch.where(keep, flat, scalar_like(0.0, delta)).reshape(delta.shape)
 
 
 # --- sign election and disjoint merge ---------------------------------------------------------
@@ -142,7 +150,7 @@ def agreeing(trimmed: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 def disjoint_mean(trimmed: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Σ_{t agreeing} τ̂_t / #{agreeing t}, the count clamped to ≥ 1 (TIES "dis-mean")."""
     agree = agreeing(trimmed, gamma)
-    total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(dim=0)
+    total = torch.where(agree, trimmed, scalar_like(0.0, trimmed)).sum(dim=0)
     return total / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
 
 
@@ -152,11 +160,11 @@ def sign_consensus(deltas: torch.Tensor, normalize: bool) -> torch.Tensor:
     when ``normalize``."""
     majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
     agree = torch.sign(deltas) == majority
-    mixed = torch.where(agree, deltas, torch.zeros((), dtype=deltas.dtype)).sum(dim=0)
+    mixed = torch.where(agree, deltas, scalar_like(0.0, deltas)).sum(dim=0)
     if not normalize:
         return mixed
     divisor = agree.sum(dim=0).to(deltas.dtype)
-    return mixed / torch.where(divisor == 0, torch.ones((), dtype=deltas.dtype), divisor)
+    return mixed / torch.where(divisor == 0, scalar_like(1.0, deltas), divisor)
 
 
 def ties_paper(keys: Iterable[str], deltas: Callable[[str], torch.Tensor], n_models: int,
@@ -203,7 +211,7 @@ def l1_rescale(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     No survivor (or only zero survivors) → all zeros. mergekit also skips the rescale when either
     norm is below 1e-7; here any non-zero survivor is rescaled, so ‖δ‖₁ is preserved whenever
     something survives."""
-    masked = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
+    masked = torch.where(keep, delta, scalar_like(0.0, delta))
     after = masked.abs().sum()
     if after == 0:
         return masked
@@ -226,7 +234,7 @@ def dare(delta: torch.Tensor, drop_rate: float, seed: int, model_name: str, key:
     delta = f32(delta)
     if drop_rate == 0.0:
         return delta.clone()
-    return l1_rescale(delta, keep_mask(delta.shape, drop_rate, seed, name))
+    return l1_rescale(delta, keep_mask(delta.shape, drop_rate, seed, name).to(delta.device))
 
 
 def stack_dare_deltas(base: StateDict, models: list[StateDict], names: list[str], key: str,

@@ -23,8 +23,10 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 def search(method: str, base: dict[str, torch.Tensor], models: dict[str, dict[str, torch.Tensor]],
            fixed: dict, grid: dict[str, list], score_fn: Callable[[dict[str, torch.Tensor]], float] | None,
-           *, seed: int, exclude: list[str], where: str = "merge") -> tuple[dict[str, torch.Tensor], dict]:
-    """Merge at every grid point and keep the best; returns (merged tensors, selection record)."""
+           *, seed: int, exclude: list[str], where: str = "merge", device: str | torch.device | None = None,
+           ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge at every grid point (on ``device``, ``merge_state_dicts``) and keep the best; returns
+    (merged tensors on the CPU, selection record)."""
     from methods.merge.apply import merge_state_dicts
 
     spec = registry.get("merge", method)
@@ -33,7 +35,7 @@ def search(method: str, base: dict[str, torch.Tensor], models: dict[str, dict[st
     for point in points:
         params = spec.resolve({**fixed, **point}, where)
         merged, info = merge_state_dicts(method, base, models, params, seed=seed, exclude=exclude,
-                                         score_fn=score_fn)
+                                         score_fn=score_fn, device=device)
         # A single point needs no scoring to be chosen; score it anyway when a scorer is given so
         # the report can show its validation score.
         score = score_fn(merged) if score_fn is not None else None

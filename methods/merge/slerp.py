@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from methods.merge.common import StateDict, f32, ordered, record
+from methods.merge.common import StateDict, f32, ordered, record, scalar_like
 from methods.registry import Param, register
 
 DOT_THRESHOLD = 0.9995
@@ -32,8 +32,8 @@ def slerp_tensor(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tens
     if a.numel() == 0:
         return (1 - t) * a + t * b, True
     norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > NORM_EPS, norm_a, torch.ones(()))
-    norm_b = torch.where(norm_b > NORM_EPS, norm_b, torch.ones(()))
+    norm_a = torch.where(norm_a > NORM_EPS, norm_a, scalar_like(1.0, norm_a))
+    norm_b = torch.where(norm_b > NORM_EPS, norm_b, scalar_like(1.0, norm_b))
     dot = float(((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1))
     if abs(dot) > DOT_THRESHOLD:
         return (1 - t) * a + t * b, True

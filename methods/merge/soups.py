@@ -47,7 +47,7 @@ def soup_greedy(base: StateDict, models: list[StateDict], *, names: list[str], s
     names, models = ordered(models, names)
     keys = list(base.keys())
     by_name = dict(zip(names, models))
-    singles = {n: {k: torch.as_tensor(m[k]).to(torch.float32) for k in keys} for n, m in by_name.items()}
+    singles = {n: {k: m[k].to(torch.float32) for k in keys} for n, m in by_name.items()}
     scores = {n: float(score_fn(singles[n])) for n in names}
     ranking = sorted(names, key=lambda n: (-scores[n], n))
     ingredients = [ranking[0]]

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from methods import registry
+from methods.device import to_host
 
 # Which tensors each official code prunes (spec dpp_merge.md §1.2, §2.2); named and logged.
 DEFAULT_EXCLUDE = {
@@ -46,10 +47,17 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
 
 def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
                      method: str, params: dict, mask_seed: int, exclude: list[str],
-                     pruner: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+                     pruner: Callable | None = None, *, device: str | torch.device | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """Return the pruned state dict and per-tensor stats (or the reason a tensor was kept).
     ``pruner`` replaces the registered function of ``method`` (same calling convention), for
-    settings a config cannot hold, such as a q per neuron."""
+    settings a config cannot hold, such as a q per neuron.
+
+    One tensor at a time is moved to ``device`` (None: the fine-tuned tensor's device), pruned there
+    in float32 and brought back: pruned tensors are returned on the CPU, kept ones as given. Random
+    masks are drawn on the CPU whatever the device (``methods.prune.dare.keep_mask``) and divisions
+    are correctly rounded (``methods.device.divide``), so the element-wise methods give the
+    same bits on every device."""
     prune = pruner or registry.get("prune", method).fn
     out: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
@@ -68,12 +76,13 @@ def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.T
             out[name] = weight
             stats[name] = {"pruned": False, "reason": reason}
             continue
-        base_weight, ft_weight = base[name].to(torch.float32), weight.to(torch.float32)
+        where = weight.device if device is None else device
+        base_weight, ft_weight = base[name].to(where, torch.float32), weight.to(where, torch.float32)
         delta = ft_weight - base_weight
         pruned = prune(delta, mask_seed=mask_seed, tensor_name=name, **params)
         # base + (ft - base) can differ from ft in the last bit: entries the method left unchanged
         # take the fine-tuned value itself, so p = 0 (and unscaled survivors) are exact.
-        out[name] = torch.where(pruned == delta, ft_weight, base_weight + pruned).to(weight.dtype)
+        out[name] = to_host(torch.where(pruned == delta, ft_weight, base_weight + pruned).to(weight.dtype))
         nonzero = delta != 0
         stats[name] = {
             "pruned": True,

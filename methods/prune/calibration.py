@@ -22,6 +22,9 @@ from typing import Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from methods.device import to_host
+from methods.finetune.batching import batch_to
+
 
 @dataclass
 class InputStats:
@@ -59,7 +62,10 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
                         ) -> dict[str, InputStats]:
     """Run ``model`` on every batch (a dict of keyword arguments, a tuple of positional ones, or one
     tensor) under ``no_grad`` in eval mode and return per-input-feature sums for each Linear,
-    keyed ``<module name>.weight``. ``modules`` restricts the layers (module names)."""
+    keyed ``<module name>.weight``. ``modules`` restricts the layers (module names).
+
+    The model computes where it is: batches are moved to its device, sums accumulate on each layer's
+    device, and the returned statistics are on the CPU."""
     layers = linear_modules(model)
     if modules is not None:
         wanted = list(modules)
@@ -67,13 +73,15 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
         if missing:
             raise KeyError(f"no nn.Linear named {missing[0]!r} in the model")
         layers = {m: layers[m] for m in wanted}
-    stats = {f"{name}.weight": InputStats(torch.zeros(layer.in_features, dtype=torch.float64),
-                                          torch.zeros(layer.in_features, dtype=torch.float64), 0)
-             for name, layer in layers.items()}
+    stats = {}
+    for name, layer in layers.items():
+        sums = {"dtype": torch.float64, "device": layer.weight.device}
+        stats[f"{name}.weight"] = InputStats(torch.zeros(layer.in_features, **sums),
+                                             torch.zeros(layer.in_features, **sums), 0)
 
     def hook(key: str):
         def record(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(device="cpu", dtype=torch.float64)
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             entry = stats[key]
             entry.total += x.sum(0)
             entry.sq_total += x.pow(2).sum(0)
@@ -81,13 +89,14 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
         return record
 
     handles = [layer.register_forward_hook(hook(f"{name}.weight")) for name, layer in layers.items()]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             n = 0
             for batch in batches:
-                forward_batch(model, batch)
+                forward_batch(model, batch_to(batch, device))
                 n += 1
         if n == 0:
             raise ValueError("no calibration batches")
@@ -95,7 +104,7 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return stats
+    return {key: InputStats(to_host(s.total), to_host(s.sq_total), s.tokens) for key, s in stats.items()}
 
 
 def input_norms(stats: Mapping[str, InputStats]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import torch
 
+from methods.device import divide
+
 # How survivors of a drop are rescaled (spec dpp_merge.md §1.1, §3.6):
 #   inverse-keep  × 1/(1 − p), the DARE paper / MergeLM (unbiased in expectation);
 #   l1-match      × ‖δ‖₁ / ‖m ⊙ δ‖₁, mergekit ≥ a2dda31 (data-dependent, exact in L1 per tensor).
@@ -64,5 +66,5 @@ def rescale_survivors(delta: torch.Tensor, keep: torch.Tensor, drop_rate: float,
     if rescale and rescale_rule == "l1-match":
         return l1_match(delta, keep)
     # p = 1 keeps nothing; skipping the factor avoids 1/0 (and 0·inf = NaN) on the zeroed entries
-    kept = delta / (1.0 - drop_rate) if rescale and drop_rate < 1.0 else delta
+    kept = divide(delta, 1.0 - drop_rate) if rescale and drop_rate < 1.0 else delta
     return torch.where(keep, kept, zero_like(delta))

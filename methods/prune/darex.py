@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from methods.finetune.batching import batch_to
+from methods.device import divide
 from methods.prune.common import check_drop_rate, f32, zero_like
 from methods.prune.dare import keep_mask
 from methods.registry import Param, register
@@ -94,7 +96,7 @@ def darex_q_delta(delta: torch.Tensor, drop_rate: float, mask_seed: int, tensor_
         if not bool((q > 0).all()):
             raise ValueError(f"tensor {tensor_name!r}: every q must be > 0")
     keep = keep_mask(delta.shape, drop_rate, mask_seed, tensor_name).to(delta.device)
-    return torch.where(keep, delta / q, zero_like(delta))
+    return torch.where(keep, divide(delta, q), zero_like(delta))
 
 
 @register("prune", "drop-only", params=(
@@ -232,11 +234,13 @@ def phi(drop_rate: float) -> float:
 
 def analytic_q_grid(drop_rate: float, step: Fraction = Fraction(1, 1000), top: float = 0.998) -> torch.Tensor:
     """q ∈ {q₀, q₀ + 0.001, …, 0.998}. q₀ = ⌈(1 − p)·1000⌉/1000 with p read as written, so the scan
-    never starts below 1 − p (the official ``int((1 − p)·1000)`` starts at 0.099 for p = 0.9)."""
+    never starts below 1 − p (the official ``int((1 − p)·1000)`` starts at 0.099 for p = 0.9). A
+    CPU tensor."""
     keep = 1 - Fraction(repr(float(drop_rate)))
     first = math.ceil(keep / step)
     last = math.floor(Fraction(repr(top)) / step)
-    return torch.tensor([float(k * step) for k in range(first, last + 1)] or [float(keep)], dtype=torch.float64)
+    return torch.tensor([float(k * step) for k in range(first, last + 1)] or [float(keep)], dtype=torch.float64,
+                        device="cpu")
 
 
 def analytic_row_q(c: torch.Tensor, drop_rate: float, eta: float, gamma: float = 0.95,
@@ -405,7 +409,8 @@ def learn_layer_q(model: torch.nn.Module, base: Mapping[str, torch.Tensor], delt
     positional ones, or one tensor. With ``val_batches`` the mean validation loss is checked every
     ``eval_every`` steps (and at step 0) and training stops after ``patience`` checks without
     improvement; unlike the official code, the q's of the best check are returned. Deterministic:
-    no randomness beyond the masks and batches given."""
+    no randomness beyond the masks and batches given. Computes where the model is: the tensors and
+    batches given are moved there."""
     check_drop_rate(drop_rate, "learn_layer_q")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
@@ -432,14 +437,20 @@ def learn_layer_q(model: torch.nn.Module, base: Mapping[str, torch.Tensor], delt
             owner[bias] = name
     index = {name: i for i, name in enumerate(layers)}
 
-    device = next(iter(masks.values())).device
+    device = next(model.parameters()).device
+
+    def on_device(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, torch.float32)
+
     # integer buffers (position ids) keep the module's own values
-    fixed = {name: f32(base[name]) + f32(delta) for name, delta in deltas.items()
+    fixed = {name: on_device(base[name]) + on_device(delta) for name, delta in deltas.items()
              if name not in masks and delta.is_floating_point() and name in base}
-    masked = {name: torch.where(masks[name].to(device), f32(deltas[name]), zero_like(deltas[name]))
-              for name in masks}
-    base32 = {name: f32(base[name]) for name in masks}
-    finetuned = {**fixed, **{name: base32[name] + f32(deltas[name]) for name in masks}}
+    masked = {}
+    for name in masks:
+        delta = on_device(deltas[name])
+        masked[name] = torch.where(masks[name].to(device), delta, zero_like(delta))
+    base32 = {name: on_device(base[name]) for name in masks}
+    finetuned = {**fixed, **{name: base32[name] + on_device(deltas[name]) for name in masks}}
     coeff = torch.nn.Parameter(torch.full((len(layers),), init, dtype=torch.float32, device=device))
 
     def pruned_params(q: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -451,6 +462,7 @@ def learn_layer_q(model: torch.nn.Module, base: Mapping[str, torch.Tensor], delt
         return params
 
     def batch_loss(batch, q: torch.Tensor | None = None) -> torch.Tensor:
+        batch = batch_to(batch, device)
         with torch.no_grad():
             reference = _target(_call(model, finetuned, batch), target).detach()
         q = keep + coeff.abs() if q is None else q

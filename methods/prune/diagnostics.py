@@ -62,8 +62,10 @@ def dare_output_std(c_sq_row_sum: float, drop_rate: float) -> float:
 
 def tensor_diagnostics(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *,
                        exclude: Iterable[str] = (), input_means: Mapping[str, torch.Tensor] | None = None,
-                       drop_rate: float | None = None) -> list[dict]:
-    """One row per floating tensor that both models have and no ``exclude`` regex matches.
+                       drop_rate: float | None = None, device: str | torch.device | None = None) -> list[dict]:
+    """One row per floating tensor that both models have and no ``exclude`` regex matches, computed
+    one tensor at a time on ``device`` (None: the fine-tuned tensor's device). The float64 sums may
+    differ between devices in the last bits (their order of summation does).
 
     Columns: tensor, layer, numel, mean, var, max_abs (of δ), norm_base, norm_finetuned,
     delta_of_norm (‖θ_ft‖ − ‖θ₀‖), norm_of_delta (‖δ‖_F), the DAREx terms c_mean, c_var,
@@ -77,8 +79,9 @@ def tensor_diagnostics(base: Mapping[str, torch.Tensor], finetuned: Mapping[str,
         if base[name].shape != weight.shape:
             raise ValueError(f"tensor {name!r}: base shape {tuple(base[name].shape)} differs from "
                              f"fine-tuned shape {tuple(weight.shape)}")
-        theta0 = base[name].to(torch.float32)
-        theta = weight.to(torch.float32)
+        where = weight.device if device is None else device
+        theta0 = base[name].to(where, torch.float32)
+        theta = weight.to(where, torch.float32)
         delta = (theta - theta0).to(torch.float64)
         mean_input = input_means.get(name) if input_means is not None else None
         norm_base, norm_ft = float(theta0.to(torch.float64).norm()), float(theta.to(torch.float64).norm())
@@ -223,13 +226,14 @@ def recommend(diagnostics, *, drop_rate: float, arch: str = "encoder", can_finet
 
 def diagnose(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *, exclude: Iterable[str],
              input_means: Mapping[str, torch.Tensor] | None, drop_rates: Iterable[float], arch: str,
-             ) -> tuple[list[dict], list[dict], list[dict]]:
+             device: str | torch.device | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(tensor rows, layer rows, recommendations) for one fine-tuned model: the workflow's report
     of its delta. Recommendations are given per drop rate for the two situations of the DAREx
     flowchart: post hoc (the model is given; labelled and unlabelled data exist) and with control
-    of fine-tuning."""
+    of fine-tuning. The statistics are computed on ``device`` (``tensor_diagnostics``)."""
     rates = sorted(set(drop_rates)) or [0.9]
-    tensors = tensor_diagnostics(base, finetuned, exclude=exclude, input_means=input_means, drop_rate=max(rates))
+    tensors = tensor_diagnostics(base, finetuned, exclude=exclude, input_means=input_means, drop_rate=max(rates),
+                                 device=device)
     layers = layer_diagnostics(tensors)
     recommendations = [
         {"situation": situation, **recommend(tensors, drop_rate=rate, arch=arch, can_finetune=can_finetune,

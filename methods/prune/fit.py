@@ -40,7 +40,7 @@ import torch
 
 from methods.data.jsonl import read_jsonl, write_jsonl
 from methods.data.splits import subsample
-from methods.finetune.batching import encode_texts, encoder_batch
+from methods.finetune.batching import batch_to, encode_texts, encoder_batch
 from methods.finetune.train import decoder_prompt
 from methods.prune.apply import excluded, prune_state_dict
 from methods.prune.calibration import collect_input_stats, input_means, input_norms
@@ -105,8 +105,11 @@ class OutputChange:
     decoders, ``find_q_decoder.py``: MSE of the top-5 logits)."""
 
     def __init__(self, model, batches: list[dict], encoder: bool):
-        self.model, self.batches, self.encoder = model, batches, encoder
-        self.reference = [self._outputs(b) for b in batches]
+        self.model, self.encoder = model, encoder
+        # moved once: every candidate q runs the same batches (the reference outputs stay there too)
+        device = next(model.parameters()).device
+        self.batches = [batch_to(batch, device) for batch in batches]
+        self.reference = [self._outputs(b) for b in self.batches]
 
     @torch.inference_mode()
     def _outputs(self, batch: dict) -> torch.Tensor:
@@ -126,15 +129,19 @@ class OutputChange:
 
 
 class PruneFitter:
-    """Chooses the data-dependent parameters of one pruning job (see the module docstring)."""
+    """Chooses the data-dependent parameters of one pruning job (see the module docstring).
+
+    Computes on ``device``: the task model is loaded there, candidate prunings and deltas are
+    computed there, and so are the per-neuron q's of ``mse-optimal`` (its pruner moves them to
+    whatever device it prunes on). ``base`` and ``finetuned`` may stay on the CPU."""
 
     def __init__(self, data: TaskData, base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                 exclude: list[str], mask_seed: int):
+                 exclude: list[str], mask_seed: int, *, device: str | torch.device = "cpu"):
         from methods.evaluate.run import load_task_model
 
         self.data, self.base, self.finetuned = data, base, finetuned
-        self.exclude, self.mask_seed = exclude, mask_seed
-        self.model, self.tokenizer = load_task_model(data.checkpoint, data.spec)
+        self.exclude, self.mask_seed, self.device = exclude, mask_seed, device
+        self.model, self.tokenizer = load_task_model(data.checkpoint, data.spec, device=device)
         self._calibration_stats = None
         self._subsets: dict[int, Path] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -151,8 +158,9 @@ class PruneFitter:
         return self._calibration_stats
 
     def pruned_deltas(self) -> dict[str, torch.Tensor]:
-        """δ of every tensor the pruning touches (floating, in the base, not excluded)."""
-        return {name: weight.to(torch.float32) - self.base[name].to(torch.float32)
+        """δ of every tensor the pruning touches (floating, in the base, not excluded), float32 on the
+        fitter's device."""
+        return {name: weight.to(self.device, torch.float32) - self.base[name].to(self.device, torch.float32)
                 for name, weight in self.finetuned.items()
                 if weight.is_floating_point() and name in self.base and not excluded(name, self.exclude)}
 
@@ -211,7 +219,7 @@ class PruneFitter:
 
         def state_for(method_params: dict, seed: int | None = None) -> dict[str, torch.Tensor]:
             return prune_state_dict(self.base, self.finetuned, method, {**params, **method_params},
-                                    self.mask_seed if seed is None else seed, self.exclude)[0]
+                                    self.mask_seed if seed is None else seed, self.exclude, device=self.device)[0]
 
         if name == "fixed":
             q = rule.get("q", params.get("q"))

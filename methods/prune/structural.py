@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+from methods.device import divide
 from methods.prune.common import check_drop_rate, f32, zero_like
 from methods.prune.darex import lookup_q
 from methods.registry import Param, register
@@ -67,7 +68,7 @@ def structural_delta(delta: torch.Tensor, drop_rate: float, mask_seed: int, tens
     if not q > 0:
         raise ValueError(f"tensor {tensor_name!r}: q must be > 0, got {q}")
     keep = structural_keep_mask(delta.shape, drop_rate, mask_seed, tensor_name, axis).to(delta.device)
-    return torch.where(keep, delta / q, zero_like(delta))
+    return torch.where(keep, divide(delta, q), zero_like(delta))
 
 
 @register("prune", "structural", params=(

@@ -15,6 +15,7 @@ GPTQ with ``preserve_zeros``), while StatsQ's mid-rise grid has no zero level.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -36,17 +37,36 @@ def quantizable(model: torch.nn.Module, exclude: list[str] | None = None) -> lis
     return names
 
 
+def quantizable_names(checkpoint: str | Path, exclude: list[str] | None = None) -> list[str]:
+    """``quantizable`` of the model in a checkpoint directory, without reading its weights: the
+    transformers class its config names (``architectures``) built on the meta device."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    architectures = list(getattr(config, "architectures", None) or [])
+    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if model_class is None:
+        raise ValueError(f"{checkpoint}: its config.json names no transformers model class (architectures: "
+                         f"{architectures}), so the quantized layers cannot be told apart")
+    with torch.device("meta"):
+        model = model_class(config)
+    return quantizable(model, exclude)
+
+
 def quantize_model(model: torch.nn.Module, method: str, params: dict, *, target: str = "weights",
                    base: dict[str, torch.Tensor] | None = None, batches: list[dict] | None = None,
-                   exclude: list[str] | None = None, seed: int = 0, device: str = "cpu",
+                   exclude: list[str] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                    is_encoder: bool = True) -> dict[str, QuantizedTensor]:
     """Quantize ``model``'s block Linears (or their deltas against ``base``) with ``method``.
 
-    ``params`` are the method's resolved parameters. Data-driven methods may change the model's
-    weights while they work (GPTQ writes quantized layers back to propagate their error); the model
-    is not meant to be reused afterwards."""
+    ``params`` are the method's resolved parameters. Everything computes on ``device``: the model is
+    moved there (data-driven methods run it on their calibration batches, which they move there
+    too), targets are formed there, and the records come back on the CPU. Data-driven methods may
+    change the model's weights while they work (GPTQ writes quantized layers back to propagate their
+    error); the model is not meant to be reused afterwards."""
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not one of {list(TARGETS)}")
+    model.to(device)
     state = model.state_dict()
     names = quantizable(model, exclude)
     offsets = None
@@ -57,7 +77,7 @@ def quantize_model(model: torch.nn.Module, method: str, params: dict, *, target:
         if missing:
             raise KeyError(f"the base has no tensors {missing[:3]} to take the delta against")
         offsets = {n: base[n].to(torch.float32) for n in names}
-        targets = {n: state[n].to(torch.float32) - offsets[n] for n in names}
+        targets = {n: state[n].to(torch.float32) - offsets[n].to(state[n].device) for n in names}
     else:
         targets = {n: state[n].to(torch.float32).clone() for n in names}
     context = QuantizeContext(model=model, batches=batches, offsets=offsets, seed=seed, device=device,

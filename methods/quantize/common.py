@@ -41,13 +41,13 @@ class QuantizedTensor:
                                self.width, self.decode, {k: move(v) for k, v in self.extras.items()}, self.info)
 
     def group_index(self) -> torch.Tensor:
-        """The group of every input column."""
+        """The group of every input column, on the codes' device."""
         if "g_idx" in self.extras:
             return self.extras["g_idx"].to(torch.long)
-        return torch.arange(self.codes.shape[1]) // self.width
+        return torch.arange(self.codes.shape[1], device=self.codes.device) // self.width
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 weight (or delta) the codes stand for."""
+        """The float32 weight (or delta) the codes stand for, on the codes' device."""
         index = self.group_index()
         scale = self.scale.to(torch.float32)[:, index]
         codes = self.codes.to(torch.float32)

@@ -61,6 +61,7 @@ import transformers
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from methods.finetune.batching import batch_to
 from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, SCHEMES, GridParams, GridSpec, fit, quantize
 from methods.quantize.rtn import check_targets
@@ -148,7 +149,7 @@ class DiscQuantRounding:
         for name, t in self.targets.items():
             if init == "rand":
                 draw = torch.rand(t.y.shape, generator=cpu_generator("discquant-init", seed, name),
-                                  dtype=torch.float32)
+                                  dtype=torch.float32, device="cpu")
                 xs[name] = draw.to(self.device)
             elif init == "orig":
                 xs[name] = t.y.clone()
@@ -168,8 +169,7 @@ class DiscQuantRounding:
     def log_probs(self, weights: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
         """Log-probabilities (rows, classes) of the counted rows: non-padding positions of
         (batch, sequence, vocabulary) logits, every example of (batch, classes) logits."""
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items() if k != "labels"}
+        batch = batch_to({k: v for k, v in batch.items() if k != "labels"}, self.device)
         output = functional_call(self.model, weights, args=(), kwargs=batch, strict=False)
         logits = output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
         logits = logits.to(torch.float32)

@@ -61,6 +61,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from methods.finetune.batching import batch_to
 from methods.prune.calibration import forward_batch
 from methods.quantize.common import QuantizeContext, QuantizedTensor
 from methods.quantize.grids import SCALE_DTYPES, SCHEMES, GridSpec, decode, encode, range_params
@@ -319,16 +320,6 @@ def find_blocks(model: torch.nn.Module, module_names: Iterable[str]) -> tuple[st
     return list_name, [f"{prefix}{child}" for child, _ in model.get_submodule(list_name).named_children()]
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
 def _attention_mask(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, Mapping):
         mask = batch.get("attention_mask")
@@ -349,7 +340,7 @@ def _calibrate(model: torch.nn.Module, batches: list, layers: Mapping[str, torch
         return hook
 
     for batch in batches:
-        batch = _to_device(batch, device)
+        batch = batch_to(batch, device)
         current["mask"] = _attention_mask(batch)
         _forward_until(model, batch, {name: accumulate(name) for name in layers}, layers, stop_after)
     return hessians
@@ -392,7 +383,7 @@ def execution_groups(model: torch.nn.Module, batch: Any, layers: Mapping[str, to
                 order.append((name, inputs[0]))
         return hook
 
-    _forward_until(model, _to_device(batch, device), {name: record(name) for name in layers}, layers, stop_after)
+    _forward_until(model, batch_to(batch, device), {name: record(name) for name in layers}, layers, stop_after)
     groups: list[list[str]] = []
     previous = None
     for name, inputs in order:

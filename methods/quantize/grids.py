@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.device import divide
+
 SCHEMES = ("asym", "sym-full", "sym-restricted")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -95,7 +97,7 @@ def range_params(low: torch.Tensor, high: torch.Tensor, spec: GridSpec) -> tuple
         low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
         empty = (low == 0) & (high == 0)
         low, high = torch.where(empty, -1.0, low), torch.where(empty, 1.0, high)
-        scale = _stored((high - low) / spec.qmax, spec)
+        scale = _stored(divide(high - low, float(spec.qmax)), spec)
         # The stored scale may round below (high − low)/qmax; at ≥ 12 bits with a float16 scale −low/s
         # then exceeds qmax, and the zero-point would not fit in the b bits it is stored in. Clamping
         # keeps 0 exactly representable (z is an integer code) at the cost of clipping the extreme
@@ -105,7 +107,7 @@ def range_params(low: torch.Tensor, high: torch.Tensor, spec: GridSpec) -> tuple
     absmax = torch.maximum(low.abs(), high.abs())
     absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     levels = (2 ** spec.bits - 1) / 2 if spec.scheme == "sym-full" else 2 ** (spec.bits - 1) - 1
-    scale = _stored(absmax / levels, spec)
+    scale = _stored(divide(absmax, float(levels)), spec)
     return scale, torch.full_like(scale, float(spec.implicit_zero))
 
 

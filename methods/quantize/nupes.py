@@ -68,6 +68,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from methods.finetune.batching import batch_to
 from methods.quantize.common import QuantizeContext, QuantizedTensor, linear_of
 from methods.quantize.grids import SCALE_DTYPES, GridParams, GridSpec, _stored, fit, quantize
 from methods.quantize.rtn import check_targets
@@ -93,7 +94,7 @@ def power_spec(bits: int, group_size: int = -1, scale_dtype: str = "float16") ->
 
 
 def _exponent(exponent: float | torch.Tensor) -> torch.Tensor:
-    a = torch.as_tensor(exponent, dtype=torch.float32).detach().cpu().reshape(())
+    a = torch.as_tensor(exponent, dtype=torch.float32, device="cpu").detach().reshape(())
     if not bool(torch.isfinite(a)) or float(a) <= 0:
         raise ValueError(f"exponent must be a finite number > 0, got {float(a)}")
     return a
@@ -191,7 +192,7 @@ def search_exponent(weights: list[torch.Tensor], spec: GridSpec,
 
 
 def _on(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    return batch_to({k: v for k, v in batch.items() if k != "labels"}, device)
 
 
 @torch.no_grad()

@@ -52,7 +52,9 @@ def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vo
 def pretrain_encoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size: int, layers: int,
                      heads: int, intermediate_size: int, max_length: int, steps: int, batch_size: int,
                      lr: float, weight_decay: float, warmup_ratio: float,
-                     mlm_probability: float) -> list[float]:
+                     mlm_probability: float, device: str | torch.device = "cpu") -> list[float]:
+    """Masked-LM pre-training on ``device``; the masks are drawn on the CPU (the same on every device)
+    and the checkpoint is written from the CPU."""
     seed_everything(seed)
     tokenizer = build_encoder_tokenizer(max_length)
     model = build_encoder(tokenizer, hidden_size, layers, heads, intermediate_size, max_length)
@@ -67,9 +69,11 @@ def pretrain_encoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size
             batch["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), mlm_probability, masking)
         return batch
 
+    model.to(device)  # after the CPU initialisation, so the initial weights do not depend on the device
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     losses = train(MaskedLMObjective(model), optimizer, make_batch, len(encodings), steps, batch_size,
-                   warmup_ratio, seed, desc="pretrain encoder (MLM)")
+                   warmup_ratio, seed, desc="pretrain encoder (MLM)", device=device)
+    model.to("cpu")
     check_finite(model.state_dict(), "pre-trained model")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -78,7 +82,9 @@ def pretrain_encoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size
 
 def pretrain_decoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size: int, layers: int,
                      heads: int, intermediate_size: int, max_length: int, steps: int, batch_size: int,
-                     lr: float, weight_decay: float, warmup_ratio: float) -> list[float]:
+                     lr: float, weight_decay: float, warmup_ratio: float,
+                     device: str | torch.device = "cpu") -> list[float]:
+    """Causal-LM pre-training on ``device``; the checkpoint is written from the CPU."""
     seed_everything(seed)
     tokenizer = build_decoder_tokenizer(max_length)
     model = build_decoder(tokenizer, hidden_size, layers, heads, intermediate_size, max_length)
@@ -89,9 +95,11 @@ def pretrain_decoder(corpus: list[str], out_dir: Path, *, seed: int, hidden_size
         # Every token is a target: an empty prompt and the whole line as the target.
         return causal_lm_batch([[] for _ in indices], [lines[i] for i in indices], tokenizer.pad_token_id)
 
+    model.to(device)  # after the CPU initialisation, so the initial weights do not depend on the device
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     losses = train(model, optimizer, make_batch, len(lines), steps, batch_size, warmup_ratio, seed,
-                   desc="pretrain decoder (causal LM)")
+                   desc="pretrain decoder (causal LM)", device=device)
+    model.to("cpu")
     check_finite(model.state_dict(), "pre-trained model")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

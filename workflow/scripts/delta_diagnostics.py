@@ -3,6 +3,7 @@ from pathlib import Path
 import pandas as pd
 
 from methods.data.lm_eval_scored import has_suite_data
+from methods.device import compute_device
 from methods.io.checkpoint import align_names, atomic_file, load_state_dict, write_json
 from methods.io.job import job
 from methods.prune.apply import DEFAULT_EXCLUDE
@@ -14,13 +15,15 @@ from methods.tasks import get_task
 
 wc, params, inputs, output = snakemake.wildcards, snakemake.params, snakemake.input, snakemake.output
 with job(snakemake.log[0], snakemake.threads) as log:
+    device = compute_device()
+    log.info("computing on %s", device)
     finetuned = load_state_dict(inputs.finetuned)
     base = align_names(load_state_dict(params.base), finetuned, f"diagnostics {wc.model}/{wc.task}")
     exclude = DEFAULT_EXCLUDE[params.arch]  # the tensors the papers' DPP touches
     means = None
     if has_suite_data(wc.task):
         spec = get_task(wc.task)
-        model, tokenizer = load_task_model(inputs.finetuned, spec)
+        model, tokenizer = load_task_model(inputs.finetuned, spec, device=device)
         batches = input_batches(tokenizer, spec, Path(inputs.calibration), CALIBRATION_EXAMPLES, params.batch_size,
                                 params.max_length)
         means = input_means(collect_input_stats(model, batches)) if batches else None
@@ -28,7 +31,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
     else:  # a task without data of the suite (instruct, code): no inputs, so no model to load
         log.info("%s has no calibration inputs: statistics of the delta alone", wc.task)
     tensors, layers, recommendations = diagnose(base, finetuned, exclude=exclude, input_means=means,
-                                                drop_rates=params.drop_rates, arch=params.arch)
+                                                drop_rates=params.drop_rates, arch=params.arch, device=device)
     for path, rows in ((output.tensors, tensors), (output.layers, layers)):
         with atomic_file(path) as f:
             pd.DataFrame(rows).to_csv(f, index=False)

@@ -2,6 +2,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from methods.device import compute_device
 from methods.evaluate.harness import harness_score, run_named_tasks
 from methods.evaluate.perplexity import text_perplexity
 from methods.evaluate.run import evaluate_task, load_task_model
@@ -17,6 +18,8 @@ from methods.tasks import get_task
 
 params, inputs = snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
+    device = compute_device()
+    log.info("computing on %s", device)
     spec = get_task(snakemake.wildcards.task)
     # A merge: the task's own fine-tuned checkpoint (its head) with the merged tensors over it.
     # A quantized variant: its source checkpoint with the decoded artifact over it.
@@ -33,7 +36,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
             base = align_names(load_state_dict(params.base), load_state_dict(inputs.checkpoint), str(artifact))
         overrides = materialize(quantized, base)
         weights = hashlib.sha256((weights + artifact_hash(artifact)).encode()).hexdigest()
-    model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides)
+    model, tokenizer = load_task_model(inputs.checkpoint, spec, overrides, device=device)
     cache = Path(params.harness_cache) / weights if params.harness_cache else None
     named_options = {"include_path": params.harness_include or None,
                      "allow_code_execution": params.allow_code_execution}

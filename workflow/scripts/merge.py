@@ -1,5 +1,6 @@
 from safetensors.torch import save_file
 
+from methods.device import compute_device
 from methods.evaluate.multitask import MultiTaskScorer
 from methods.io.checkpoint import align_names, atomic_dir, check_finite, load_state_dict, write_json
 from methods.io.delta_artifact import save_delta_checkpoint
@@ -12,6 +13,8 @@ from methods.tasks import get_task
 
 wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
+    device = compute_device()
+    log.info("computing on %s", device)
     variant = params.variant
     exclude = variant.get("exclude", DEFAULT_EXCLUDE[params.arch])
     finetuned = dict(zip(params.tasks, inputs.finetuned))
@@ -21,12 +24,12 @@ with job(snakemake.log[0], snakemake.threads) as log:
                         {"base": params.base, **{f"finetuned:{t}": p for t, p in finetuned.items()}},
                         seeds={"mask": int(wc.mseed)})
     scorer = MultiTaskScorer({task: (get_task(task), finetuned[task], validation[task]) for task in finetuned},
-                             params.batch_size, params.max_length)
+                             params.batch_size, params.max_length, device=device)
     models = {task: load_state_dict(path) for task, path in finetuned.items()}
     base = align_names(load_state_dict(params.base), next(iter(models.values())), f"merge {wc.model}")
     merged, selection = search(variant["method"], base, models,
                                variant.get("params", {}), variant.get("grid", {}), scorer,
-                               seed=int(wc.mseed), exclude=exclude, where=f"merge variant {wc.merge}")
+                               seed=int(wc.mseed), exclude=exclude, where=f"merge variant {wc.merge}", device=device)
     selection.update(selected_on=params.selection_split, reference_scores=scorer.reference,
                      task_scores=scorer.history)
     check_finite(merged, f"merge {wc.merge} of {wc.model}")

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from methods import registry
+from methods.device import compute_device
 from methods.io.checkpoint import align_names, atomic_dir, load_state_dict, save_like
 from methods.io.delta_artifact import save_delta_checkpoint
 from methods.io.job import job
@@ -11,6 +12,8 @@ from methods.tasks import get_task
 
 wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
+    device = compute_device()
+    log.info("computing on %s", device)
     variant = params.variant
     drop_rate = float(wc.rate)
     method_params = registry.get("prune", variant["method"]).resolve(
@@ -22,13 +25,14 @@ with job(snakemake.log[0], snakemake.threads) as log:
     if variant["method"] in DATA_DRIVEN:
         data = TaskData(get_task(wc.task), Path(inputs.finetuned), Path(inputs.validation), Path(inputs.calibration),
                         params.batch_size, params.max_length, params.calibration_examples)
-        fitter = PruneFitter(data, base, finetuned, exclude, int(wc.mseed))
+        fitter = PruneFitter(data, base, finetuned, exclude, int(wc.mseed), device=device)
         method_params, pruner, fitted = fitter.fit(variant["method"], method_params, variant.get("q_rule"), drop_rate)
         log.info("%s: fitted on the data: %s", variant["method"], {k: v for k, v in fitted.items() if k != "scan"})
     recorded = {k: v for k, v in method_params.items() if k != "norms"}  # norms: a tensor per layer
     manifest = Manifest("prune", variant["method"], {**recorded, "exclude": exclude, "q_rule": variant.get("q_rule")},
                         {"base": params.base, "finetuned": inputs.finetuned}, seeds={"mask": int(wc.mseed)})
-    state, stats = prune_state_dict(base, finetuned, variant["method"], method_params, int(wc.mseed), exclude, pruner)
+    state, stats = prune_state_dict(base, finetuned, variant["method"], method_params, int(wc.mseed), exclude, pruner,
+                                    device=device)
     with atomic_dir(snakemake.output[0]) as out:
         storage = None
         if params.storage == "delta":

@@ -1,8 +1,7 @@
 from pathlib import Path
 
-import torch
-
 from methods import registry
+from methods.device import compute_device
 from methods.evaluate.run import load_task_model
 from methods.io.checkpoint import align_names, atomic_dir, load_state_dict
 from methods.io.job import job
@@ -14,12 +13,14 @@ from methods.tasks import get_task
 
 wc, params, inputs = snakemake.wildcards, snakemake.params, snakemake.input
 with job(snakemake.log[0], snakemake.threads) as log:
+    device = compute_device()
+    log.info("computing on %s", device)
     variant = params.variant
     method = variant["method"]
     method_params = registry.get("quantize", method).resolve({**variant.get("params", {}), "bits": int(wc.bits)},
                                                              "params")
     spec = get_task(wc.task)
-    model, tokenizer = load_task_model(inputs.source, spec)
+    model, tokenizer = load_task_model(inputs.source, spec, device=device)
     base = None
     if variant["target"] == "delta":
         base = align_names(load_state_dict(params.base), model.state_dict(), f"quantize {wc.model}/{wc.task}")
@@ -28,9 +29,7 @@ with job(snakemake.log[0], snakemake.threads) as log:
     manifest = Manifest("quantize", method, {**method_params, "target": variant["target"]},
                         {"source": inputs.source}, seeds={"calibration": int(wc.cseed)})
     quantized = quantize_model(model, method, method_params, target=variant["target"], base=base, batches=batches,
-                               exclude=variant.get("exclude"), is_encoder=spec.is_encoder,
-                               # the job's GPU slot when it holds one (workstation/SLURM profiles)
-                               device="cuda" if torch.cuda.is_available() else "cpu")
+                               exclude=variant.get("exclude"), is_encoder=spec.is_encoder, device=device)
     with atomic_dir(snakemake.output.artifact) as out:
         bits = save_artifact(out, quantized, load_state_dict(inputs.source), manifest.record)
         manifest.write(out, bits=bits, tensors={name: q.info for name, q in quantized.items()})
