@@ -365,11 +365,25 @@ def drop_caches() -> bool:
         return False
 
 
-def measure(command: list[str], log: Path, env: dict | None = None) -> dict:
+class OutOfTime(Exception):
+    """An operation still ran at the benchmark's hard time limit and was stopped."""
+
+
+def measure(command: list[str], log: Path, env: dict | None = None, deadline: float | None = None) -> dict:
+    """Run one operation; ``deadline`` (a ``time.perf_counter`` value): stop it there (OutOfTime)."""
     start = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        while True:   # wait4 with a deadline: poll, so that a run past it can be stopped
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                process.kill()
+                os.wait4(process.pid, 0)
+                raise OutOfTime(f"{' '.join(command)} was stopped at the time limit after "
+                                f"{time.perf_counter() - start:.0f} s")
+            time.sleep(0.05)
     ran = time.perf_counter() - start
     os.sync()
     wall = time.perf_counter() - start
@@ -395,6 +409,7 @@ def run(args) -> None:
     results: dict[str, dict] = {}
     skipped: list[str] = []
     cold = None
+    deadline = started + args.time_limit if args.time_limit else None
     for name in ops:
         if args.time_budget and time.perf_counter() - started > args.time_budget:
             skipped.append(name)
@@ -415,12 +430,19 @@ def run(args) -> None:
         print(f"{name}: {' '.join(command)}", flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         runs = []
-        for _ in range(args.repeat):
+        try:
+            for _ in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                if args.drop_caches:
+                    cold = drop_caches()
+                load = os.getloadavg()[0]
+                runs.append({**measure(command, logs / f"{name}.log", env, deadline), "load_before": load})
+        except OutOfTime as stopped:
+            print(f"  {stopped}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-            if args.drop_caches:
-                cold = drop_caches()
-            load = os.getloadavg()[0]
-            runs.append({**measure(command, logs / f"{name}.log", env), "load_before": load})
+            if not runs:
+                skipped.append(name)
+                continue
         # the fastest run (the others were slowed by other work on the machine), the largest RSS
         results[name] = {**min(runs, key=lambda r: r["wall_s"]), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
                          "runs": runs}
@@ -439,7 +461,8 @@ def run(args) -> None:
         comparison = json.loads(target.read_text())
     table = render(results, {**spec, "repeat": args.repeat, "device": args.device}, cold)
     if skipped:
-        table += f"\n\nskipped (time budget {args.time_budget:.0f} s spent): {', '.join(skipped)}"
+        table += f"\n\nskipped or stopped (time budget {args.time_budget} s, limit {args.time_limit} s): " \
+                 f"{', '.join(skipped)}"
     if comparison:
         table += "\n\n| ours vs mergekit | differing elements | max abs difference | ‖ours − mk‖ / ‖mk − base‖ |\n" \
                  "|---|---|---|---|\n" + "\n".join(
@@ -517,6 +540,8 @@ def main(argv=None) -> None:
                         help="with --keep-outputs: compare our outputs with mergekit's (ta/mk-ta, ties/mk-ties, ...)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds (set generation included) after which no further operation is started")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds (set generation included) at which a running operation is stopped")
     parser.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                         help="do not drop the page cache before each operation")
     gen = sub.add_parser("generate", help="generate a checkpoint set (used by the benchmark in a subprocess)")

@@ -9,13 +9,15 @@
 #
 # Environment: PYTHON (default python3: a Python whose torch has CUDA, with transformers and
 # safetensors; mergekit's rows run when it imports mergekit), WORKDIR (default /tmp/dcbench-gpu;
-# needs ~55 GB free: three 13.5 GB models and one output at a time), BUDGET_S (default 420: no
-# operation starts after that many seconds, set generation included).
+# needs ~55 GB free: three 13.5 GB models and one output at a time), BUDGET_S (default 400: no
+# operation starts after that many seconds, set generation included), LIMIT_S (default 460: an
+# operation still running then is stopped and reported, so the check ends within 8 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORKDIR=${WORKDIR:-/tmp/dcbench-gpu}
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-400}
+LIMIT_S=${LIMIT_S:-460}
 DEVICE=cuda
 [[ "${GPU_CHECK_ON_CPU:-0}" == 1 ]] && DEVICE=cpu
 
@@ -39,4 +41,4 @@ else
 fi
 mkdir -p "$WORKDIR"
 exec "$PY" bench/delta_ops.py --params 7e9 --models 2 --shard-gb 5 --device "$DEVICE" --threads 4 \
-    --workdir "$WORKDIR" --ops "$ops" --time-budget "$BUDGET_S" "$@"
+    --workdir "$WORKDIR" --ops "$ops" --time-budget "$BUDGET_S" --time-limit "$LIMIT_S" "$@"

@@ -101,10 +101,12 @@ def test_gpu_check_refuses_a_machine_without_a_gpu_and_keeps_to_its_budget(tmp_p
         refused = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True,
                                  env=env, timeout=120)
         assert refused.returncode != 0 and "sees no CUDA device" in refused.stderr
-    result = _gpu_check(tmp_path, "--ops", "floor-N,ta", "--time-budget", "1e-9")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped (time budget" in result.stdout
-    assert json.loads(next(tmp_path.glob("results-*.json")).read_text())["skipped"] == ["floor-N", "ta"]
+    for limit in ("--time-budget", "--time-limit"):   # none started / each stopped at once
+        result = _gpu_check(tmp_path, "--ops", "floor-N,ta", limit, "1e-9")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "skipped or stopped" in result.stdout
+        assert json.loads(next(tmp_path.glob("results-*.json")).read_text())["skipped"] == ["floor-N", "ta"]
+    assert "was stopped at the time limit" in result.stdout
 
 
 def test_gpu_results_are_cached_apart_and_cpu_keys_stay():
