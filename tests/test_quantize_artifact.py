@@ -51,6 +51,19 @@ def test_bit_stream_is_little_endian():
     assert pack_bits(torch.tensor([0xABC]), 12).tolist() == [0xBC, 0x0A]
 
 
+@pytest.mark.parametrize("bits", (1, 2, 4, 8, 3, 5))
+def test_packing_follows_the_bit_stream_definition(bits):
+    """Code i at stream bits [i·b, (i+1)·b), least significant first, stream bit j = bit j mod 8 of
+    byte j // 8: written out bit by bit here, against both packing paths (whole codes per byte
+    when b divides 8, the general bit stream otherwise) and back."""
+    values = torch.randint(0, 2 ** bits, (37,), generator=torch.Generator().manual_seed(bits))
+    stream = [(int(v) >> k) & 1 for v in values for k in range(bits)]
+    expected = [sum(bit << (j % 8) for j, bit in enumerate(stream) if j // 8 == byte)
+                for byte in range((len(stream) + 7) // 8)]
+    assert pack_bits(values, bits).tolist() == expected
+    assert torch.equal(unpack_bits(torch.tensor(expected, dtype=torch.uint8), bits, 37), values.to(torch.int32))
+
+
 def test_packing_rejects_what_it_cannot_hold():
     with pytest.raises(ValueError, match=r"outside \[0, 7\] for bits=3"):
         pack_bits(torch.tensor([0, 8]), 3)
