@@ -75,8 +75,3 @@ def cache_key(device: torch.device) -> dict:
     generator; reductions round in another order), so GPU results are cached apart. CPU keys stay
     as they were before devices were chosen, so earlier entries remain valid."""
     return {} if device.type == "cpu" else {"device": device.type}
-
-
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` on the CPU (itself when it is there already)."""
-    return tensor if tensor.device.type == "cpu" else tensor.cpu()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from methods.device import DEVICE_ENV, cache_key, compute_device, divide, strict_float32, to_host
+from methods.device import DEVICE_ENV, cache_key, compute_device, divide, strict_float32
 
 
 def test_auto_is_the_visible_gpu_else_the_cpu(monkeypatch):
@@ -68,11 +68,6 @@ def test_strict_float32_turns_tf32_off():
     finally:
         torch.set_float32_matmul_precision(previous[0])
         torch.backends.cudnn.allow_tf32 = previous[1]
-
-
-def test_to_host_keeps_cpu_tensors():
-    t = torch.ones(3)
-    assert to_host(t) is t
 
 
 def _gpu_check(tmp_path, *args):

@@ -79,7 +79,6 @@ from typing import Callable, Iterable
 import torch
 
 from methods import registry
-from methods.device import to_host
 from methods.io.checkpoint import load_tensors
 from methods.io.delta_artifact import is_delta_checkpoint, materialize_delta
 from methods.prune.apply import excluded
@@ -179,7 +178,7 @@ def merge_state_dicts(method: str, base: dict[str, torch.Tensor], models: dict[s
     if set(merged) != set(keys):
         raise RuntimeError(f"merge method {method!r} returned tensors {sorted(set(merged) ^ set(keys))} "
                            "it was not given (or dropped some)")
-    out = {k: to_host(merged[k].to(base[k].dtype)) for k in keys}
+    out = {k: merged[k].to("cpu", base[k].dtype) for k in keys}
     clash = _RESERVED & set(extra)
     if clash:
         raise RuntimeError(f"merge method {method!r} recorded reserved info keys {sorted(clash)}")

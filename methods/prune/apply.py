@@ -14,7 +14,6 @@ from typing import Callable, Iterable
 import torch
 
 from methods import registry
-from methods.device import to_host
 
 # Which tensors each official code prunes (spec dpp_merge.md §1.2, §2.2); named and logged.
 DEFAULT_EXCLUDE = {
@@ -82,7 +81,7 @@ def prune_state_dict(base: dict[str, torch.Tensor], finetuned: dict[str, torch.T
         pruned = prune(delta, mask_seed=mask_seed, tensor_name=name, **params)
         # base + (ft - base) can differ from ft in the last bit: entries the method left unchanged
         # take the fine-tuned value itself, so p = 0 (and unscaled survivors) are exact.
-        out[name] = to_host(torch.where(pruned == delta, ft_weight, base_weight + pruned).to(weight.dtype))
+        out[name] = torch.where(pruned == delta, ft_weight, base_weight + pruned).to("cpu", weight.dtype)
         nonzero = delta != 0
         stats[name] = {
             "pruned": True,

@@ -22,7 +22,6 @@ from typing import Iterable, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from methods.device import to_host
 from methods.finetune.batching import batch_to
 
 
@@ -104,7 +103,7 @@ def collect_input_stats(model: torch.nn.Module, batches: Iterable, modules: Iter
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return {key: InputStats(to_host(s.total), to_host(s.sq_total), s.tokens) for key, s in stats.items()}
+    return {key: InputStats(s.total.cpu(), s.sq_total.cpu(), s.tokens) for key, s in stats.items()}
 
 
 def input_norms(stats: Mapping[str, InputStats]) -> dict[str, torch.Tensor]:
