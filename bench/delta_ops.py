@@ -222,10 +222,13 @@ def op_floor(root: Path, out: Path, n: int, shard_bytes: int) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def op_floor_ours(root: Path, out: Path, n: int, shard_bytes: int, chunk: int) -> None:
-    """The floor with our reader and writer: every chunk of every input read, the base's written."""
+def op_floor_ours(root: Path, out: Path, n: int, shard_bytes: int, chunk: int | None) -> None:
+    """The floor with our reader and writer: every chunk of every input read, the base's written
+    (``chunk`` elements at a time; None: the streamed operations' CPU default)."""
     from methods.io.streaming import LazyCheckpoint, ShardedWriter, chunk_ranges
-    from methods.stream import _prefetch
+    from methods.stream import DEFAULT_CHUNK_ELEMENTS, _prefetch
+
+    chunk = chunk or DEFAULT_CHUNK_ELEMENTS
 
     inputs = [LazyCheckpoint(p) for p in [root / "base"] + _models(root, n)]
     base = inputs[0]
@@ -291,7 +294,7 @@ def run_op(args) -> None:
     elif args.name == "floor-N":
         op_floor(root, out, n, shard_bytes)
     elif args.name == "floor-ours-N":
-        op_floor_ours(root, out, n, shard_bytes, args.chunk or 1 << 18)
+        op_floor_ours(root, out, n, shard_bytes, args.chunk)
     elif args.name == "dare":
         from methods.stream import stream_prune
         stream_prune(root / "base", root / "ft_0", out, "dare",
